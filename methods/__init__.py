@@ -1,0 +1,19 @@
+"""Pure PyTorch: data sets, target networks, methods. Imports no Ray, click or MLflow.
+
+`METHODS` maps a method name to the module that implements it; each such module exposes
+`hyperparameters(n_dropout_sites) -> {name: HParam}`. Modules load lazily, on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+METHODS: dict[str, str] = {
+    "sgd": "methods.sgd",
+}
+
+
+def method_module(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return importlib.import_module(METHODS[name])

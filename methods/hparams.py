@@ -1,0 +1,44 @@
+"""Hyperparameter declarations: what a method accepts, with defaults and valid ranges.
+
+A method lists its hyperparameters once; the study loader checks arm values and search spaces
+against the list, and the method resolves a config dict (defaults filled in) from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class HParam:
+    name: str
+    default: Any
+    low: float = -math.inf  # inclusive bounds
+    high: float = math.inf
+    kind: type = float
+    doc: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """None when `value` is valid, else what is wrong."""
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"expected an integer, got {value!r}"
+        if self.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"expected a number, got {value!r}"
+        if not self.low <= value <= self.high:
+            return f"{value!r} is outside [{self.low}, {self.high}]"
+        return None
+
+
+def resolve(declared: Mapping[str, HParam], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with `given`; unknown names or bad values raise ValueError."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter {unknown[0]!r}; valid: {', '.join(sorted(declared))}")
+    out = {name: hp.default for name, hp in declared.items()}
+    for name, value in given.items():
+        problem = declared[name].check(value)
+        if problem:
+            raise ValueError(f"hyperparameter {name!r}: {problem}")
+        out[name] = declared[name].kind(value)
+    return out

@@ -1,0 +1,9 @@
+"""Seeds: one master seed per study, child seeds derived with numpy's SeedSequence.spawn."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def repetition_seeds(master: int, n: int) -> list[int]:
+    """One integer seed per repetition (arm x seed pairs share it, so arms are paired)."""
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(master).spawn(n)]

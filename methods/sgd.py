@@ -1,0 +1,125 @@
+"""`sgd`: plain maximum-likelihood training of a target net, the trial that grid, random and
+Bayesian searches tune.
+
+Hyperparameters: lr, momentum, weight decay, input dropout and per-layer dropout, Gaussian
+input noise (on standardised inputs), batch size. Classification minimises cross-entropy;
+regression minimises the Gaussian negative log-likelihood with a learned homoscedastic noise
+scale, and reports RMSE and NLL in the data's units.
+
+All randomness (initialisation, data order, dropout masks, input noise) comes from two
+generators seeded from `seed` and saved in `state_dict`, so a restored run takes the identical
+next step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from methods.data import Splits
+from methods.hparams import HParam, resolve
+from methods.targets import TargetNet
+
+
+def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
+    hps = [
+        HParam("lr", 0.05, 1e-8, 10.0, doc="SGD learning rate"),
+        HParam("momentum", 0.9, 0.0, 0.999),
+        HParam("weight_decay", 0.0, 0.0, 1.0),
+        HParam("batch_size", 64, 1, 1 << 20, kind=int),
+        HParam("input_noise", 0.0, 0.0, 10.0, doc="std of Gaussian noise added to standardised inputs"),
+        HParam("dropout_in", 0.0, 0.0, 0.95, doc="input dropout"),
+        HParam("dropout", 0.0, 0.0, 0.95, doc="dropout after every hidden layer (dropout_<k> overrides layer k)"),
+    ]
+    hps += [HParam(f"dropout_{k}", None, 0.0, 0.95) for k in range(1, n_dropout_sites)]
+    return {hp.name: hp for hp in hps}
+
+
+def dropout_rates(hp: Mapping[str, Any], n_dropout_sites: int) -> list[float]:
+    """Per-site rates: [input, hidden 1, ..., hidden L]."""
+    rates = [hp["dropout_in"]]
+    for k in range(1, n_dropout_sites):
+        layer = hp.get(f"dropout_{k}")
+        rates.append(hp["dropout"] if layer is None else layer)
+    return [float(r) for r in rates]
+
+
+def gaussian_nll(mean: torch.Tensor, y: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return (0.5 * math.log(2 * math.pi) + log_std + 0.5 * ((y - mean) / log_std.exp()) ** 2).mean()
+
+
+class SGD:
+    def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
+                 device: str | torch.device = "cpu"):
+        self.target, self.splits, self.device = target, splits, torch.device(device)
+        self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
+        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # dropout, input noise
+        self.module = target.module().to(self.device)
+        target.load_flat(self.module, target.init_weights(self.data_gen))
+        self.module.reg.configure(dropout=dropout_rates(self.hp, target.n_dropout_sites),
+                                  input_noise=self.hp["input_noise"], generator=self.noise_gen)
+        self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
+        params = list(self.module.parameters())
+        if splits.task == "regression":
+            params.append(self.log_noise_std)
+        self.optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=self.hp["momentum"],
+                                         weight_decay=self.hp["weight_decay"])
+        self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
+        self.epoch = 0
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.splits.task == "classification":
+            return F.cross_entropy(out, y)
+        return gaussian_nll(out.squeeze(-1), y, self.log_noise_std)
+
+    def train_epoch(self) -> float:
+        """One pass over the training split; returns the mean training loss."""
+        x, y = self.data["train"]
+        self.module.train()
+        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
+        total = torch.zeros((), device=self.device)
+        for idx in perm.split(self.hp["batch_size"]):
+            loss = self.loss(self.module(x[idx]), y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach() * len(idx)
+        self.epoch += 1
+        return float(total) / len(x)
+
+    @torch.no_grad()
+    def evaluate(self, split: str, chunk: int = 4096) -> dict[str, float]:
+        """`loss` and `error` (classification) or `loss` and `rmse` (regression), in data units."""
+        x, y = self.data[split]
+        self.module.eval()
+        out = torch.cat([self.module(xc) for xc in x.split(chunk)])
+        return evaluate_outputs(out, y, self.splits, self.log_noise_std)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "log_noise_std": self.log_noise_std.detach().clone(), "epoch": self.epoch,
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.log_noise_std.copy_(state["log_noise_std"])
+        self.epoch = int(state["epoch"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+
+def evaluate_outputs(out: torch.Tensor, y: torch.Tensor, splits: Splits,
+                     log_noise_std: torch.Tensor | None = None) -> dict[str, float]:
+    """Metrics of predictions `out` (B, n_outputs): logits, or standardised regression means."""
+    if splits.task == "classification":
+        return {"loss": float(F.cross_entropy(out, y)), "error": float((out.argmax(-1) != y).float().mean())}
+    mean = out.squeeze(-1)
+    log_std = log_noise_std if log_noise_std is not None else torch.zeros((), device=out.device)
+    nll = float(gaussian_nll(mean, y, log_std)) + math.log(splits.y_std)  # data units
+    rmse = float(((mean - y) ** 2).mean().sqrt()) * splits.y_std
+    return {"loss": nll, "rmse": rmse}

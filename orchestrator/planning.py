@@ -1,0 +1,83 @@
+"""From a study to Tune: the per-trial config, search spaces as Tune domains, the searcher.
+
+Kept free of Ray imports at module level, so planning can be tested and `validate` stays fast.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from methods.seeding import repetition_seeds
+from orchestrator.study import ArmConfig, Study
+
+
+@dataclass(frozen=True)
+class ArmSeed:
+    """One unit of work: an arm at one repetition, with its seeds."""
+    arm: ArmConfig
+    seed_index: int
+    seed: int  # the repetition's seed: data split, initialisation, data order (shared by all arms)
+    search_seed: int  # the searcher's seed, distinct per arm
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm.name}/seed{self.seed_index}"
+
+
+def plan(study: Study) -> list[ArmSeed]:
+    """Every arm x seed, seed-major: a study stopped half-way still has paired comparisons."""
+    seeds = repetition_seeds(study.seed, study.seeds)
+    out = []
+    for k, seed in enumerate(seeds):
+        for arm in study.arms:
+            # crc32 of the name, not hash(): stable across processes.
+            search_seed = int(np.random.SeedSequence([seed, zlib.crc32(arm.name.encode())]).generate_state(1)[0])
+            out.append(ArmSeed(arm, k, seed, search_seed))
+    return out
+
+
+def tune_domain(domain: dict[str, list[Any]]):
+    from ray import tune
+    (form, values), = domain.items()
+    if form == "uniform":
+        return tune.uniform(*values)
+    if form == "loguniform":
+        return tune.loguniform(*values)
+    if form == "int":
+        return tune.randint(values[0], values[1] + 1)  # YAML bounds are inclusive
+    if form == "choice":
+        return tune.choice(values)
+    return tune.grid_search(values)
+
+
+def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> dict[str, Any]:
+    """The param_space of one arm x seed: fixed values plus Tune domains for searched ones."""
+    root = data_root or study.dataset.root
+    split_index = unit.seed_index  # the UCI protocol's split index is the repetition
+    return {
+        "dataset": {"name": study.dataset.name, "root": str(Path(root).expanduser().resolve()) if root else None,
+                    "val_fraction": study.dataset.val_fraction, "test_fraction": study.dataset.test_fraction,
+                    "split_index": split_index},
+        "model": study.model.target_options(),
+        "hp": {**unit.arm.params, **{k: tune_domain(v) for k, v in unit.arm.space.items()}},
+        "seed": unit.seed,
+        "data_seed": unit.seed,
+        "epochs_per_step": study.training.epochs_per_step,
+        "device": study.training.device,
+    }
+
+
+def searcher(unit: ArmSeed):
+    """The Tune search algorithm for the arm's `search` (None: Tune's default generator)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    if unit.arm.search in ("fixed", "grid", "random"):
+        return BasicVariantGenerator(random_state=np.random.default_rng(unit.search_seed))
+    raise ValueError(f"unknown search {unit.arm.search!r}")
+
+
+def num_samples(unit: ArmSeed) -> int:
+    return 1 if unit.arm.search == "fixed" else unit.arm.num_samples

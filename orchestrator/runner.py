@@ -1,0 +1,282 @@
+"""Running a study: every arm x seed through Ray Tune, under one wall-clock budget each, with
+the coordinator (this process) as the only writer of records.
+
+Per arm x seed:
+1. the budget starts (Tuner set-up and trial start-up count against the arm);
+2. Tune runs the arm's trials with `workers` concurrent slots; `BudgetStopper` ends the trials
+   once the budget is spent, *after* their report is recorded (Tune's own `time_budget_s`
+   discards the report in flight, see shared notes);
+3. `Recorder`, a Tune callback in this process, turns every report into a results row, MLflow
+   metrics of the trial's nested run, and the arm's anytime curve (`best_val_loss`);
+4. at the end, the arm's run gets the best trial's history and hyperparameters, and its part of
+   the results store is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from methods.data import task_of
+from orchestrator.budget import Budget, Clock
+from orchestrator.planning import ArmSeed, num_samples, plan, searcher, trial_config
+from orchestrator.progress import ArmStatus, ProgressView, quality_columns, summary_markdown, summary_table
+from orchestrator.results import ResultsStore
+from orchestrator.study import Study, StudyError
+from orchestrator.tracking import Tracker, flatten
+
+log = logging.getLogger("hypersweep")
+
+# Keys of a Tune result that are bookkeeping, not the method's metrics.
+_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
+              "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
+              "timesteps_since_restore", "done", "trial_id", "experiment_id", "date", "config", "checkpoint_dir_name",
+              "should_checkpoint", "experiment_tag"}
+
+
+class BudgetStopper(tune.Stopper):
+    """Stops a trial at `max_steps` reports, and every trial once the arm's budget is spent."""
+
+    def __init__(self, budget: Budget, max_steps: int):
+        self.budget, self.max_steps = budget, max_steps
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result["training_iteration"] >= self.max_steps or self.budget.exhausted()
+
+    def stop_all(self) -> bool:
+        return self.budget.exhausted()
+
+
+@dataclass
+class ArmContext:
+    study: Study
+    study_id: str
+    unit: ArmSeed
+    run_id: str  # the arm x seed MLflow run
+    status: ArmStatus
+    budget: Budget
+
+
+class Recorder(tune.Callback):
+    """Runs in the driver: the only place reports become records."""
+
+    def __init__(self, ctx: ArmContext, tracker: Tracker):
+        self.ctx, self.tracker = ctx, tracker
+        self.rows: list[dict[str, Any]] = []
+        self.trial_runs: dict[str, str] = {}
+
+    def __getstate__(self):
+        # Tune may pickle callbacks with the experiment state; live handles stay behind.
+        return {}
+
+    def _trial_run(self, trial) -> str:
+        if trial.trial_id not in self.trial_runs:
+            c, u = self.ctx, self.ctx.unit
+            self.trial_runs[trial.trial_id] = self.tracker.start_run(
+                f"{u.arm.name}-seed{u.seed_index}-{trial.trial_id}", parent_id=c.run_id,
+                tags=arm_tags(c.study, c.study_id, u, trial_id=trial.trial_id), params=trial.config["hp"])
+            c.status.trials_started += 1
+        return self.trial_runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._trial_run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        c, u = self.ctx, self.ctx.unit
+        arm_time = c.budget.elapsed()
+        metrics = {k: v for k, v in result.items()
+                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(result["training_iteration"])
+        row = {"study_id": c.study_id, "arm": u.arm.name, "method": u.arm.method, "search": u.arm.search,
+               "dataset": c.study.dataset.name, "seed_index": u.seed_index, "seed": u.seed,
+               "trial_id": trial.trial_id, "step": step, "arm_time_s": arm_time, **metrics,
+               **{f"hp_{k}": v for k, v in flatten(trial.config["hp"]).items()}}
+        self.rows.append(row)
+        self.tracker.log_metrics(self._trial_run(trial), {**metrics, "arm_time_s": arm_time}, step)
+        s = c.status
+        s.reports += 1
+        s.elapsed_s = arm_time
+        val = metrics.get("val_loss", math.inf)
+        if val < s.best_val_loss:
+            s.best_val_loss, s.best_row = val, row
+        # The arm's anytime curve: best validation loss so far against the arm's wall time.
+        self.tracker.log_metrics(c.run_id, {"best_val_loss": s.best_val_loss, "wall_time_s": arm_time}, s.reports)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ctx.status.trials_done += 1
+        self.tracker.end_run(self._trial_run(trial), "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ctx.status.trials_done += 1
+        self.tracker.end_run(self._trial_run(trial), "FAILED")
+
+    def on_step_end(self, iteration, trials, **info):
+        self.ctx.status.elapsed_s = self.ctx.budget.elapsed()
+
+
+def arm_tags(study: Study, study_id: str, unit: ArmSeed, **extra) -> dict[str, Any]:
+    return {"arm": unit.arm.name, "method": unit.arm.method, "search": unit.arm.search, "dataset": study.dataset.name,
+            "seed": unit.seed, "seed_index": unit.seed_index, "study_id": study_id, **extra}
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TB loggers per trial
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def check_resources(study: Study) -> str | None:
+    """What is wrong when not even one trial fits on the cluster, else None."""
+    import ray
+    have = ray.cluster_resources()
+    b = study.budget
+    if have.get("CPU", 0) < b.cpus_per_worker:
+        return f"budget.cpus_per_worker: {b.cpus_per_worker} CPUs per worker, the cluster has {have.get('CPU', 0)}"
+    if have.get("GPU", 0) < b.gpus_per_worker:
+        return f"budget.gpus_per_worker: {b.gpus_per_worker} GPUs per worker, the cluster has {have.get('GPU', 0)}"
+    return None
+
+
+def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id: str, status: ArmStatus,
+            tracker: Tracker, store: ResultsStore, clock: Clock, data_root: str | None) -> None:
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from workers import trainable_class
+
+    budget = Budget(study.budget.seconds, clock).start()
+    ctx = ArmContext(study, study_id, unit, run_id, status, budget)
+    status.status = "running"
+    recorder = Recorder(ctx, tracker)
+    b = study.budget
+    trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
+    tuner = Tuner(
+        trainable,
+        param_space=trial_config(study, unit, data_root),
+        tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=searcher(unit), num_samples=num_samples(unit),
+                               max_concurrent_trials=b.workers, reuse_actors=True,
+                               trial_dirname_creator=lambda t: t.trial_id),
+        run_config=RunConfig(
+            name=f"{unit.arm.name}-seed{unit.seed_index}", storage_path=str((study_dir / "tune").resolve()),
+            stop=BudgetStopper(budget, study.training.max_epochs // study.training.epochs_per_step or 1),
+            callbacks=[recorder], verbose=0,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_frequency=study.training.checkpoint_every,
+                                               checkpoint_at_end=True),
+            failure_config=FailureConfig(max_failures=1)),
+    )
+    try:
+        grid = tuner.fit()
+        errors = len(grid.errors)
+    finally:
+        status.wall_time_used_s = budget.elapsed()
+        status.elapsed_s = status.wall_time_used_s
+        store.write_part(unit.arm.name, unit.seed_index, recorder.rows)
+        for trial_run in recorder.trial_runs.values():
+            if trial_run in tracker._open:
+                tracker.end_run(trial_run, "KILLED")
+    failed = not recorder.rows or errors == status.trials_started
+    status.status = "failed" if failed else "done"
+    _record_arm_end(tracker, run_id, status, recorder.rows, errors)
+    tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+def _record_arm_end(tracker: Tracker, run_id: str, status: ArmStatus, rows: list[dict], errors: int) -> None:
+    summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started, "trial_errors": errors,
+               "reports": status.reports}
+    if rows:
+        best = status.best_row
+        # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
+        for row in rows:
+            if row["trial_id"] == best["trial_id"]:
+                tracker.log_metrics(run_id, {k: v for k, v in row.items() if _is_metric(k, v)}, row["step"])
+        summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v)})
+        tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
+                                    **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
+    tracker.log_metrics(run_id, summary, status.reports)
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return (key not in ("seed_index", "seed", "step") and not key.startswith("hp_")
+            and isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def default_study_dir(study: Study) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("studies") / f"{study.name}-{stamp}"
+
+
+def run_study(study: Study, study_dir: Path, *, tracking_uri: str, address: str | None = None,
+              data_root: str | None = None, clock: Clock = time.monotonic, console=None,
+              live: bool = True) -> list[ArmStatus]:
+    """Run every arm x seed of `study`; returns their statuses (the summary)."""
+    from rich.console import Console
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)  # logs and CI: wide enough for the tables
+    init_ray(address)
+    problem = check_resources(study)
+    if problem:
+        raise StudyError(f"study {study.name!r}: {problem}")
+    study_dir = study_dir.resolve()
+    study_dir.mkdir(parents=True, exist_ok=False)
+    study_id = study_dir.name
+    (study_dir / "study.yaml").write_text(study.to_yaml())
+    units = plan(study)
+    statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
+
+    tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)
+    parent = tracker.start_run(study_id, params=study.model_dump(),
+                               tags={"study_id": study_id, "dataset": study.dataset.name, "kind": "study"})
+    tracker.log_artifact(parent, study_dir / "study.yaml")
+    run_map = {"tracking_uri": tracking_uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent, "arms": {}}
+    store = ResultsStore(study_dir)
+    task = task_of(study.dataset.name)
+    try:
+        with ProgressView(statuses, task, console, enabled=live):
+            for unit, status in zip(units, statuses):
+                run_id = tracker.start_run(f"{unit.arm.name}-seed{unit.seed_index}", parent_id=parent,
+                                           tags=arm_tags(study, study_id, unit),
+                                           params={"arm": unit.arm.model_dump(), "seed": unit.seed,
+                                                   "search_seed": unit.search_seed})
+                run_map["arms"][unit.key] = run_id
+                _write_json(study_dir / "runs.json", run_map)
+                run_arm(study, study_dir, study_id, unit, run_id, status, tracker, store, clock, data_root)
+                store.consolidate()
+        results = store.consolidate()
+        (study_dir / "summary.md").write_text(summary_markdown(statuses, task))
+        for path in (results, study_dir / "summary.md"):
+            tracker.log_artifact(parent, path)
+        tracker.end_run(parent, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
+    except KeyboardInterrupt:
+        tracker.end_all("KILLED")
+        raise
+    except BaseException:
+        tracker.end_all("FAILED")
+        raise
+    console.print()
+    console.print(summary_table(statuses, task))
+    console.print(f"study directory: {study_dir}\nMLflow: {tracking_uri} (experiment {study.tracking.experiment or study.name}, "
+                  f"parent run {parent})")
+    return statuses
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,220 @@
+"""Study files: YAML loaded into frozen, typed objects.
+
+Every problem is one `StudyError` line naming the file and the key (`arms[1].space.lr: ...`);
+the CLI turns it into exit code 2 before anything is created.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SEARCHES = ("fixed", "grid", "random")  # Tune searches available to arms
+DOMAINS = ("uniform", "loguniform", "int", "choice", "grid")  # search-space forms in YAML
+
+
+class StudyError(ValueError):
+    """A study file (or an override) that cannot be run; the message is one line."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DatasetConfig(_Frozen):
+    name: str
+    root: str | None = None  # data root for file-based sets (mnist, cifar10, uci:<name>)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored where the set has its own test split
+
+
+class ModelConfig(_Frozen):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = [400, 400]  # mlp
+    channels: list[int] = [32, 16]  # cnn
+    fc_hidden: int = Field(8, ge=1)  # cnn
+
+    def target_options(self) -> dict[str, Any]:
+        if self.kind == "mlp":
+            return {"kind": "mlp", "hidden": list(self.hidden)}
+        return {"kind": "cnn", "channels": list(self.channels), "fc_hidden": self.fc_hidden}
+
+
+class ArmConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    method: str
+    search: str = "fixed"
+    params: dict[str, Any] = {}  # fixed hyperparameter values
+    space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
+    num_samples: int = Field(1, ge=1)  # trials for random search; repeats of the grid
+
+
+class BudgetConfig(_Frozen):
+    seconds: float = Field(gt=0)  # wall clock per arm x seed, setup included
+    workers: int = Field(1, ge=1)  # concurrent trial slots
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU
+
+
+class TrainingConfig(_Frozen):
+    max_epochs: int = Field(100, ge=1)  # per trial
+    epochs_per_step: int = Field(1, ge=1)  # epochs between two reports
+    checkpoint_every: int = Field(10, ge=1)  # reports between two checkpoints
+    device: str = "auto"
+
+
+class TrackingConfig(_Frozen):
+    uri: str | None = None  # MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str | None = None  # default: the study's name
+
+
+class Study(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0  # master seed; repetitions get child seeds from it
+    seeds: int = Field(1, ge=1)  # repetitions of every arm
+    dataset: DatasetConfig
+    model: ModelConfig = ModelConfig()
+    arms: list[ArmConfig] = Field(min_length=1)
+    budget: BudgetConfig
+    training: TrainingConfig = TrainingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.[\d_]*|\.\d+)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _where(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_study(raw: Any, source: str = "<study>", overrides: dict[str, Any] | None = None) -> Study:
+    """Validate a mapping (from YAML) into a Study; `overrides` are dotted keys (`budget.seconds`)."""
+    if not isinstance(raw, dict):
+        raise StudyError(f"{source}: expected a mapping of study keys, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        study = Study.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"].endswith("_type"):
+            msg = f"{msg}, got {err['input']!r}"
+        raise StudyError(f"{source}: {_where(loc)}: {msg}") from None
+    _check_semantics(study, source)
+    return study
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise StudyError(f"{path}: cannot read the study file ({e.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise StudyError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_study(raw, str(path), overrides)
+
+
+def _check_semantics(study: Study, source: str) -> None:
+    from methods import METHODS, method_module
+    from methods.data import check_name
+    from methods.targets import n_dropout_sites
+
+    def fail(where: str, msg: str):
+        raise StudyError(f"{source}: {where}: {msg}")
+
+    try:
+        check_name(study.dataset.name)
+    except ValueError as e:
+        fail("dataset.name", str(e))
+    names = [a.name for a in study.arms]
+    for i, arm in enumerate(study.arms):
+        at = f"arms[{i}]"
+        if names.index(arm.name) != i:
+            fail(f"{at}.name", f"arm name {arm.name!r} is used twice")
+        if arm.method not in METHODS:
+            fail(f"{at}.method", f"unknown method {arm.method!r}; valid: {', '.join(sorted(METHODS))}")
+        if arm.search not in SEARCHES:
+            fail(f"{at}.search", f"unknown search {arm.search!r}; valid: {', '.join(SEARCHES)}")
+        declared = method_module(arm.method).hyperparameters(
+            n_dropout_sites(study.model.kind, study.model.hidden))
+        for key, value in arm.params.items():
+            if key not in declared:
+                fail(f"{at}.params.{key}", f"unknown hyperparameter of {arm.method!r}; valid: {', '.join(declared)}")
+            problem = declared[key].check(value)
+            if problem:
+                fail(f"{at}.params.{key}", problem)
+        if arm.search == "fixed":
+            if arm.space:
+                fail(f"{at}.space", "search 'fixed' takes no space; use search: random or grid")
+            if arm.num_samples != 1:
+                fail(f"{at}.num_samples", "search 'fixed' runs one trial")
+        elif not arm.space:
+            fail(f"{at}.space", f"search {arm.search!r} needs a space of hyperparameters to search")
+        for key, domain in arm.space.items():
+            where = f"{at}.space.{key}"
+            if key not in declared:
+                fail(where, f"unknown hyperparameter of {arm.method!r}; valid: {', '.join(declared)}")
+            if key in arm.params:
+                fail(where, "also fixed in params; give it in one place")
+            _check_domain(domain, declared[key], arm.search, lambda msg: fail(where, msg))
+
+
+def _check_domain(domain: dict[str, list[Any]], hp, search: str, fail) -> None:
+    if len(domain) != 1 or next(iter(domain)) not in DOMAINS:
+        fail(f"expected one of {', '.join(DOMAINS)} with a list, e.g. {{uniform: [0.0, 0.5]}}")
+    (form, values), = domain.items()
+    if search == "grid" and form not in ("grid", "choice"):
+        fail(f"search 'grid' needs listed values ({{grid: [...]}}), got {form!r}")
+    if form in ("uniform", "loguniform", "int"):
+        if len(values) != 2:
+            fail(f"{form} takes [low, high], got {values!r}")
+        low, high = values
+        for v in values:
+            if form == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                fail(f"int takes whole numbers, got {v!r}")
+            problem = hp.check(v)
+            if problem:
+                fail(problem)
+        if not low < high:
+            fail(f"{form} needs low < high, got {values!r}")
+        if form == "loguniform" and low <= 0:
+            fail(f"loguniform needs low > 0, got {low!r}")
+    else:
+        if not values:
+            fail(f"{form} needs at least one value")
+        for v in values:
+            problem = hp.check(v)
+            if problem:
+                fail(problem)

@@ -1,0 +1,108 @@
+"""MLflow records. Only the coordinator writes here; workers report through Tune.
+
+One experiment per study name, one parent run per study execution, one child run per arm x
+seed, Tune trials nested under their arm's run. Metrics are buffered and written with
+`log_batch`, so a fast trial does not make the coordinator wait on the database for every
+report. Every run this object starts is ended (FINISHED, FAILED or KILLED), never left RUNNING.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
+MAX_PARAMS = 100  # and of params
+MAX_PARAM_VALUE = 6000
+
+
+def resolve_tracking_uri(flag: str | None = None, study_uri: str | None = None) -> str:
+    """--tracking-uri, else the study's tracking.uri, else MLFLOW_TRACKING_URI, else
+    sqlite:///<cwd>/mlflow.db. Absolute, because Tune trials chdir into their own folders."""
+    uri = flag or study_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.flush_every_s = flush_every_s
+        self._buffers: dict[str, list] = {}
+        self._last_flush = time.monotonic()
+        self._open: list[str] = []
+
+    def start_run(self, name: str, *, tags: Mapping[str, Any] | None = None, parent_id: str | None = None,
+                  params: Mapping[str, Any] | None = None) -> str:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        run_id = run.info.run_id
+        self._open.append(run_id)
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(str(k)[:250], str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), MAX_PARAMS):
+            self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
+                    timestamp_ms: int | None = None) -> None:
+        """Buffered; written at the latest `flush_every_s` later, and by `flush()`."""
+        from mlflow.entities import Metric
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        buf = self._buffers.setdefault(run_id, [])
+        buf.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None)
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for run_id, metrics in self._buffers.items():
+            for i in range(0, len(metrics), MAX_BATCH):
+                self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+        self._buffers = {}
+        self._last_flush = time.monotonic()
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(run_id, status)
+        if run_id in self._open:
+            self._open.remove(run_id)
+
+    def end_all(self, status: str) -> None:
+        """End every run still open (children first), e.g. after an error or Ctrl-C."""
+        try:
+            self.flush()
+        finally:
+            for run_id in reversed(list(self._open)):
+                self.client.set_terminated(run_id, status)
+            self._open = []

@@ -1,0 +1,124 @@
+"""Study files: every problem is one line naming the file and key, exit 2, nothing created."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.study import StudyError, load_study, parse_study
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+BASE = {
+    "name": "t",
+    "dataset": {"name": "digits"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "arms": [{"name": "a", "method": "sgd", "search": "random", "num_samples": 2,
+              "space": {"lr": {"loguniform": [1e-3, 0.1]}}}],
+    "budget": {"seconds": 5},
+}
+
+
+def _set(path, value):
+    def apply(raw):
+        node = raw
+        *parents, leaf = path
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return apply
+
+
+BAD = [
+    ("unknown top-level key", _set(["bogus"], 1), "bogus: unknown key"),
+    ("unknown nested key", _set(["budget", "minutes"], 3), "budget.minutes: unknown key"),
+    ("wrong type", _set(["budget", "seconds"], "ten"), "budget.seconds: Input should be a valid number"),
+    ("budget zero", _set(["budget", "seconds"], 0), "budget.seconds: Input should be greater than 0"),
+    ("budget negative", _set(["budget", "seconds"], -5), "budget.seconds"),
+    ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: sgd"),
+    ("unknown search", _set(["arms", 0, "search"], "bohb"), "arms[0].search: unknown search 'bohb'"),
+    ("unknown dataset", _set(["dataset", "name"], "imagenet"), "dataset.name: unknown dataset 'imagenet'"),
+    ("unknown hyperparameter", _set(["arms", 0, "space", "momentum2"], {"uniform": [0, 1]}),
+     "arms[0].space.momentum2: unknown hyperparameter"),
+    ("bad domain", _set(["arms", 0, "space", "lr"], {"normal": [0, 1]}), "arms[0].space.lr: expected one of"),
+    ("out of range", _set(["arms", 0, "space", "lr"], {"uniform": [0.1, 20]}), "arms[0].space.lr: 20 is outside"),
+    ("missing key", lambda raw: raw.pop("budget"), "budget: required key is missing"),
+    ("fixed with space", _set(["arms", 0, "search"], "fixed"), "arms[0].space: search 'fixed' takes no space"),
+    ("bad model kind", _set(["model", "kind"], "transformer"), "model.kind"),
+]
+
+
+@pytest.mark.parametrize("label,mutate,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch, label, mutate, expected):
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    study_file = tmp_path / "bad.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    for args in (["validate", str(study_file)], ["run", str(study_file), "--study-dir", str(tmp_path / "sd")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(study_file) in lines[0] and expected in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no study dir, no mlflow.db
+
+
+def test_budget_override_must_be_positive(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(CONFIGS / "quickstart.yaml"), "--budget-s", "0"])
+    assert result.exit_code == 2
+    assert "budget.seconds" in result.stderr and "greater than 0" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_data_files_name_the_place(tmp_path, monkeypatch):
+    raw = copy.deepcopy(BASE)
+    raw["dataset"] = {"name": "mnist", "root": str(tmp_path / "data")}
+    study_file = tmp_path / "mnist.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(study_file)])
+    assert result.exit_code == 2
+    assert "MNIST/raw" in result.stderr and "hypersweep download mnist" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.yaml"]
+
+
+def test_existing_study_dir_is_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "keep.txt").write_text("recorded")
+    result = CliRunner().invoke(main, ["run", str(CONFIGS / "quickstart.yaml"), "--study-dir", "sd"])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert (tmp_path / "sd" / "keep.txt").read_text() == "recorded"
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(StudyError, match="cannot read"):
+        load_study(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(StudyError, match="not valid YAML at line"):
+        load_study(tmp_path / "broken.yaml")
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    raw = copy.deepcopy(BASE)
+    text = yaml.safe_dump(raw).replace("0.001", "1e-3")
+    assert "1e-3" in text
+    (tmp_path / "s.yaml").write_text(text)
+    study = load_study(tmp_path / "s.yaml")
+    assert study.arms[0].space["lr"]["loguniform"] == [1e-3, 0.1]
+
+
+def test_study_objects_are_frozen():
+    study = parse_study(copy.deepcopy(BASE))
+    with pytest.raises(Exception):
+        study.budget.seconds = 10
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert ": ok: study" in result.output

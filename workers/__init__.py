@@ -1,0 +1,19 @@
+"""What runs on Ray workers: one Tune Trainable per method family. Nothing here talks to MLflow
+or the CLI; reports go back to the coordinator through Tune.
+
+`TRAINABLES` maps a method name to its Trainable class ("module:Class"), loaded on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+TRAINABLES: dict[str, str] = {
+    "sgd": "workers.sgd_trainable:SGDTrainable",
+}
+
+
+def trainable_class(method: str):
+    if method not in TRAINABLES:
+        raise ValueError(f"no trainable for method {method!r}; valid: {', '.join(sorted(TRAINABLES))}")
+    module, cls = TRAINABLES[method].split(":")
+    return getattr(importlib.import_module(module), cls)

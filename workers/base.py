@@ -1,0 +1,94 @@
+"""The Trainable lifecycle shared by every method family.
+
+Ray Tune drives a trial through these calls (Tune's class API):
+    setup(config)            once per trial: load the data split, build the method
+    step()                   `epochs_per_step` epochs of training, then one report (a dict)
+    save_checkpoint(dir)     the method's full state, optimiser and generators included
+    load_checkpoint(dir)     restore it exactly: the next step equals the one never taken
+    reset_config(config)     reuse this actor for a new trial (TuneConfig(reuse_actors=True))
+
+The config a trial receives (built by the coordinator, see orchestrator/planning.py):
+    dataset: {name, root, val_fraction, test_fraction, split_index}
+    model:   {kind, hidden, ...}
+    hp:      the method's hyperparameters (searched ones sampled by Tune)
+    seed, epochs_per_step, device ("auto": a GPU when Ray assigned one)
+
+Subclasses implement `build(config, splits, target, device)` returning the method object, which
+has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import torch
+from ray import tune
+
+from methods import data as datasets
+from methods.targets import build_target
+
+CHECKPOINT_FILE = "state.pt"
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_splits(name, root, val_fraction, test_fraction, split_index, seed):
+    # One load per worker process and data split: reused actors skip the disk.
+    return datasets.load(name, seed=seed, split_index=split_index, data_root=root,
+                         val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def load_splits(config: dict[str, Any]) -> datasets.Splits:
+    d = config["dataset"]
+    return _cached_splits(d["name"], d.get("root"), d["val_fraction"], d["test_fraction"],
+                          d["split_index"], config["data_seed"])
+
+
+def worker_device(requested: str = "auto") -> torch.device:
+    """The device Ray assigned: a GPU only when the trial asked for one as a resource."""
+    if requested != "auto":
+        return torch.device(requested)
+    import ray
+    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+
+
+class MethodTrainable(tune.Trainable):
+    def setup(self, config: dict[str, Any]) -> None:
+        self._t0 = time.monotonic()
+        self._elapsed_before = 0.0  # wall time of earlier incarnations of this trial (restores)
+        self.splits = load_splits(config)
+        m = config["model"]
+        self.target = build_target(m["kind"], self.splits.input_shape, self.splits.n_outputs,
+                                   **{k: v for k, v in m.items() if k != "kind"})
+        self.device = worker_device(config.get("device", "auto"))
+        self.method = self.build(config, self.splits, self.target, self.device)
+        self.epochs_per_step = int(config.get("epochs_per_step", 1))
+
+    def build(self, config, splits, target, device):
+        raise NotImplementedError
+
+    def step(self) -> dict[str, Any]:
+        t = time.monotonic()
+        train_loss = sum(self.method.train_epoch() for _ in range(self.epochs_per_step)) / self.epochs_per_step
+        report = {"train_loss": train_loss, "epoch": self.method.epoch}
+        for split in ("val", "test"):
+            report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
+        report["step_time_s"] = time.monotonic() - t
+        report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
+        return report
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0)
+        torch.save(state, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=self.device,
+                           weights_only=True)
+        self.method.load_state_dict(state)
+        self._elapsed_before, self._t0 = float(state["elapsed"]), time.monotonic()
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self.setup(new_config)
+        self.config = new_config
+        return True
