@@ -50,7 +50,9 @@ def worker_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
         return torch.device(requested)
     import ray
-    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    # Outside a Ray worker (tests, the driver) nothing was requested: the CPU.
+    on_gpu = ray.is_initialized() and ray.get_gpu_ids()
+    return torch.device("cuda") if on_gpu else torch.device("cpu")
 
 
 class MethodTrainable(tune.Trainable):

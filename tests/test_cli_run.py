@@ -1,0 +1,103 @@
+"""`hypersweep run` end to end on local Ray with a tiny budget: the records of DESIGN.md."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.study import load_study
+
+STUDY = {
+    "name": "tiny",
+    "seed": 7,
+    "seeds": 2,
+    "dataset": {"name": "digits"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "arms": [
+        {"name": "fixed", "method": "sgd", "search": "fixed", "params": {"lr": 0.05, "batch_size": 64}},
+        {"name": "rand", "method": "sgd", "search": "random", "num_samples": 3, "params": {"batch_size": 64},
+         "space": {"lr": {"loguniform": [0.01, 0.2]}, "dropout": {"uniform": [0.0, 0.5]}}},
+    ],
+    "budget": {"seconds": 20, "workers": 2, "cpus_per_worker": 1},
+    "training": {"max_epochs": 4, "epochs_per_step": 1, "checkpoint_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("run")
+    study_file = tmp / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(STUDY))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["run", str(study_file), "--study-dir", str(tmp / "sd"), "--tracking-uri", uri,
+                                       "--no-live"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return tmp / "sd", uri, result.output
+
+
+def test_summary_is_printed(finished_study):
+    _, _, output = finished_study
+    assert "summary" in output
+    for arm in ("fixed", "rand"):
+        assert output.count(f"│ {arm}") == 2  # one row per seed
+
+
+def test_results_parquet_one_row_per_report(finished_study):
+    study_dir, _, _ = finished_study
+    df = pd.read_parquet(study_dir / "results.parquet")
+    assert set(df.arm) == {"fixed", "rand"} and set(df.seed_index) == {0, 1}
+    per_trial = df.groupby(["arm", "seed_index", "trial_id"]).step.agg(["count", "max"])
+    assert (per_trial["count"] == per_trial["max"]).all()  # steps 1..n, none lost or doubled
+    assert per_trial.loc["fixed"]["count"].tolist() == [4, 4]  # max_epochs / epochs_per_step
+    assert df.groupby(["arm", "seed_index"]).trial_id.nunique().loc["rand"].tolist() == [3, 3]
+    for col in ("train_loss", "val_loss", "val_error", "test_loss", "test_error", "wall_time_s", "arm_time_s", "hp_lr"):
+        assert df[col].notna().all(), col
+    assert df[df.arm == "rand"].hp_lr.between(0.01, 0.2).all()
+    # Arms are paired: the same seed per repetition for every arm.
+    assert df.groupby("seed_index").seed.nunique().eq(1).all()
+
+
+def test_mlflow_records(finished_study):
+    from mlflow.tracking import MlflowClient
+    study_dir, uri, _ = finished_study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["fixed-seed0", "fixed-seed1", "rand-seed0", "rand-seed1"]
+    df = pd.read_parquet(study_dir / "results.parquet")
+    for child in children:
+        tags = child.data.tags
+        assert {tags["arm"], tags["method"], tags["dataset"]} <= {"fixed", "rand", "sgd", "digits"}
+        assert tags["study_id"] == study_dir.name and tags["search"] in ("fixed", "random")
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        best_trial = child.data.params["best_trial_id"]
+        rows = df[df.trial_id == best_trial].sort_values("step")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(rows.val_loss.tolist())
+        anytime = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "best_val_loss"),
+                                           key=lambda m: m.step)]
+        assert anytime == sorted(anytime, reverse=True)  # best so far only improves
+        trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
+        arm_rows = df[(df.arm == tags["arm"]) & (df.seed_index == int(tags["seed_index"]))]
+        assert len(trials) == arm_rows.trial_id.nunique()
+        assert sum(len(client.get_metric_history(t.info.run_id, "val_loss")) for t in trials) == len(arm_rows)
+        assert min(anytime) == pytest.approx(arm_rows.val_loss.min())
+    assert "study.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_study_dir_contents(finished_study):
+    study_dir, uri, _ = finished_study
+    resolved = load_study(study_dir / "study.yaml")
+    assert resolved.name == "tiny" and resolved.budget.seconds == 20 and len(resolved.arms) == 2
+    run_map = json.loads((study_dir / "runs.json").read_text())
+    assert run_map["tracking_uri"] == uri and set(run_map["arms"]) == {
+        "fixed/seed0", "fixed/seed1", "rand/seed0", "rand/seed1"}
+    assert (study_dir / "tune" / "rand-seed1").is_dir()
+    assert sorted(p.name for p in (study_dir / "results").iterdir()) == [
+        "fixed__seed0.parquet", "fixed__seed1.parquet", "rand__seed0.parquet", "rand__seed1.parquet"]
