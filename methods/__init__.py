@@ -1,7 +1,9 @@
 """Pure PyTorch: data sets, target networks, methods. Imports no Ray, click or MLflow.
 
 `METHODS` maps a method name to the module that implements it; each such module exposes
-`hyperparameters(n_dropout_sites) -> {name: HParam}`. Modules load lazily, on first use.
+`hyperparameters(n_dropout_sites) -> {name: HParam}` and `METHOD`, the class with
+`train_epoch()`, `evaluate(split)`, `state_dict()`, `load_state_dict()` (generative methods
+also `sample_weights(k, generator)`). Modules load lazily, on first use.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from types import ModuleType
 
 METHODS: dict[str, str] = {
     "sgd": "methods.sgd",
+    "hyper-ml": "methods.hyper_ml",
 }
 
 

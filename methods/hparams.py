@@ -21,6 +21,11 @@ class HParam:
 
     def check(self, value: Any) -> str | None:
         """None when `value` is valid, else what is wrong."""
+        if self.kind is list:
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high for v in value):
+                return f"expected a non-empty list of integers in [{self.low}, {self.high}], got {value!r}"
+            return None
         if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             return f"expected an integer, got {value!r}"
         if self.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):

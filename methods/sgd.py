@@ -12,14 +12,13 @@ next step.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from methods.data import Splits
 from methods.hparams import HParam, resolve
+from methods.losses import metrics, task_loss
 from methods.targets import TargetNet
 
 
@@ -46,10 +45,6 @@ def dropout_rates(hp: Mapping[str, Any], n_dropout_sites: int) -> list[float]:
     return [float(r) for r in rates]
 
 
-def gaussian_nll(mean: torch.Tensor, y: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    return (0.5 * math.log(2 * math.pi) + log_std + 0.5 * ((y - mean) / log_std.exp()) ** 2).mean()
-
-
 class SGD:
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu"):
@@ -71,9 +66,7 @@ class SGD:
         self.epoch = 0
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.splits.task == "classification":
-            return F.cross_entropy(out, y)
-        return gaussian_nll(out.squeeze(-1), y, self.log_noise_std)
+        return task_loss(out, y, self.splits.task, self.log_noise_std)
 
     def train_epoch(self) -> float:
         """One pass over the training split; returns the mean training loss."""
@@ -96,7 +89,7 @@ class SGD:
         x, y = self.data[split]
         self.module.eval()
         out = torch.cat([self.module(xc) for xc in x.split(chunk)])
-        return evaluate_outputs(out, y, self.splits, self.log_noise_std)
+        return metrics(out, y, self.splits, self.log_noise_std)
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -113,13 +106,5 @@ class SGD:
         self.noise_gen.set_state(state["noise_gen"])
 
 
-def evaluate_outputs(out: torch.Tensor, y: torch.Tensor, splits: Splits,
-                     log_noise_std: torch.Tensor | None = None) -> dict[str, float]:
-    """Metrics of predictions `out` (B, n_outputs): logits, or standardised regression means."""
-    if splits.task == "classification":
-        return {"loss": float(F.cross_entropy(out, y)), "error": float((out.argmax(-1) != y).float().mean())}
-    mean = out.squeeze(-1)
-    log_std = log_noise_std if log_noise_std is not None else torch.zeros((), device=out.device)
-    nll = float(gaussian_nll(mean, y, log_std)) + math.log(splits.y_std)  # data units
-    rmse = float(((mean - y) ** 2).mean().sqrt()) * splits.y_std
-    return {"loss": nll, "rmse": rmse}
+
+METHOD = SGD

@@ -68,10 +68,11 @@ class Regularisation(nn.Module):
         return x + self.input_noise * torch.randn(x.shape, generator=self.generator, device=x.device)
 
     def drop(self, x: torch.Tensor, site: int) -> torch.Tensor:
-        return _dropout(x, self.dropout[site], self.training, self.generator)
+        return sample_dropout(x, self.dropout[site], self.training, self.generator)
 
 
-def _dropout(x, p, training, generator):
+def sample_dropout(x, p, training, generator):
+    """Inverted dropout whose mask comes from `generator` (nn.Dropout draws from the global RNG)."""
     if not training or p == 0.0:
         return x
     keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
@@ -115,7 +116,7 @@ class TargetNet:
                 params[name].copy_(w[0])
 
     def _regularise(self, h, site, dropout, training, generator):
-        return _dropout(h, dropout[site], training, generator) if dropout is not None else h
+        return sample_dropout(h, dropout[site], training, generator) if dropout is not None else h
 
     def _input(self, x, S, input_noise, dropout, training, generator, per_sample_ndim):
         """Noise and input dropout applied per sample: returns x (B, ...) when untouched and
@@ -243,7 +244,7 @@ class SmallCNN(TargetNet):
         # Draw the mask in (S, B, ...) order so S = 1 matches the module's (B, ...) draw.
         B = h.shape[0]
         h5 = h.reshape(B, S, -1, *h.shape[2:]).transpose(0, 1)
-        h5 = _dropout(h5, dropout[site], training, generator)
+        h5 = sample_dropout(h5, dropout[site], training, generator)
         return h5.transpose(0, 1).reshape(h.shape)
 
 

@@ -59,6 +59,7 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
     root = data_root or study.dataset.root
     split_index = unit.seed_index  # the UCI protocol's split index is the repetition
     return {
+        "method": unit.arm.method,
         "dataset": {"name": study.dataset.name, "root": str(Path(root).expanduser().resolve()) if root else None,
                     "val_fraction": study.dataset.val_fraction, "test_fraction": study.dataset.test_fraction,
                     "split_index": split_index},

@@ -224,7 +224,6 @@ def run_study(study: Study, study_dir: Path, *, tracking_uri: str, address: str 
               live: bool = True) -> list[ArmStatus]:
     """Run every arm x seed of `study`; returns their statuses (the summary)."""
     from rich.console import Console
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     if console is None:
         console = Console()
         if not console.is_terminal:

@@ -7,6 +7,7 @@ report. Every run this object starts is ended (FINISHED, FAILED or KILLED), neve
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
         from mlflow.tracking import MlflowClient
 
+        # mlflow sets its loggers up when imported; quiet its INFO lines (table creation...) after that.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)

@@ -11,6 +11,7 @@ from workers import TRAINABLES, trainable_class
 # One small config per method; a new method adds its line here.
 CONFIGS = {
     "sgd": {"hp": {"lr": 0.05, "dropout": 0.2, "input_noise": 0.1, "batch_size": 32}},
+    "hyper-ml": {"hp": {"lr": 1e-3, "batch_size": 64, "samples_per_step": 16, "hyper_hidden": [16, 8]}},
 }
 
 # Keys that differ between two runs of the same step (timings).
@@ -25,7 +26,7 @@ def test_every_trainable_is_in_the_contract():
 def _config(method, dataset="digits"):
     return {"dataset": {"name": dataset, "root": None, "val_fraction": 0.2, "test_fraction": 0.2, "split_index": 0},
             "model": {"kind": "mlp", "hidden": [32, 32]}, "seed": 123, "data_seed": 123, "epochs_per_step": 1,
-            "device": "cpu", **CONFIGS[method]}
+            "device": "cpu", "method": method, **CONFIGS[method]}
 
 
 def _metrics(result):

@@ -8,13 +8,15 @@ Ray Tune drives a trial through these calls (Tune's class API):
     reset_config(config)     reuse this actor for a new trial (TuneConfig(reuse_actors=True))
 
 The config a trial receives (built by the coordinator, see orchestrator/planning.py):
+    method:  the registered method name
     dataset: {name, root, val_fraction, test_fraction, split_index}
     model:   {kind, hidden, ...}
     hp:      the method's hyperparameters (searched ones sampled by Tune)
     seed, epochs_per_step, device ("auto": a GPU when Ray assigned one)
 
 Subclasses implement `build(config, splits, target, device)` returning the method object, which
-has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`.
+has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`,
+and optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ class MethodTrainable(tune.Trainable):
         report = {"train_loss": train_loss, "epoch": self.method.epoch}
         for split in ("val", "test"):
             report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
+        if hasattr(self.method, "diagnostics"):
+            report.update(self.method.diagnostics())
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
         return report

@@ -1,0 +1,61 @@
+"""`hyper-ml` (Sheikh et al. 2017): generator batched == looped, one sample per example, learns."""
+import torch
+
+from methods import data
+from methods.hyper_ml import HyperML, layer_bounds
+from methods.targets import build_target
+
+
+def _method(dataset="digits", hidden=(32,), seed=0, **hp):
+    splits = data.load(dataset, seed=0)
+    net = build_target("mlp", splits.input_shape, splits.n_outputs, hidden=hidden)
+    return HyperML(net, splits, {"hyper_hidden": [32, 16], **hp}, seed=seed)
+
+
+def test_sample_weights_batched_equals_looped():
+    m = _method()
+    eps = torch.randn(6, m.hp["noise_dim"])
+    m.hypernet.eval()
+    batched = m.hypernet(eps)
+    looped = torch.cat([m.hypernet(eps[i:i + 1]) for i in range(6)])
+    assert batched.shape == (6, m.target.spec.flat_size)
+    assert torch.allclose(batched, looped, atol=1e-6)
+    # Predictions average over samples with one batched evaluation.
+    x = m.data["val"][0][:5]
+    mean_prob = m.predict(x, batched)
+    looped_prob = torch.stack([m.target.forward(batched[i:i + 1], x)[0].softmax(-1) for i in range(6)]).mean(0)
+    assert torch.allclose(mean_prob, looped_prob, atol=1e-6)
+
+
+def test_initial_population_is_a_spread_of_default_inits():
+    m = _method()
+    w = m.sample_weights(64, torch.Generator().manual_seed(0)).detach()
+    spread = w.std(0)
+    assert float(spread.min()) > 0  # every weight varies across samples
+    assert float((spread / layer_bounds(m.target)).max()) < 1.0  # within each layer's init scale
+    assert m.diagnostics()["noise_scale"] == torch.nn.functional.softplus(m.hypernet.noise_scale).item()
+
+
+def test_one_weight_sample_per_example():
+    m = _method(batch_size=32)
+    seen = []
+    original = m.target.forward
+    m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
+    m.train_epoch()
+    assert seen[0] == (32, (32, 1))  # S = B samples, each applied to its own example
+    m = _method(batch_size=32, samples_per_step=8)
+    seen.clear()
+    m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
+    m.train_epoch()
+    assert seen[0] == (8, (8, 4))
+
+
+def test_learns_digits_and_input_noise_is_learned():
+    m = _method(lr=3e-3, batch_size=64)
+    start_noise = m.diagnostics()["input_noise"]
+    assert abs(start_noise - 0.5) < 1e-6  # the paper's initial scale
+    for _ in range(8):
+        m.train_epoch()
+    val = m.evaluate("val")
+    assert val["error"] < 0.08
+    assert m.diagnostics()["input_noise"] != start_noise
