@@ -1,0 +1,77 @@
+"""Gauge fixing and the Kozachenko-Leonenko entropy estimator (Deutsch et al. 2019).
+
+Gauge fixing removes the symmetries that make different weight vectors compute the same
+function, so that entropy measures diversity of functions, not of parametrisations:
+- ReLU and max-pooling are positively homogeneous, so each hidden neuron's incoming weights and
+  bias can be divided by a scale s > 0 if its outgoing weights are multiplied by s. We pick
+  s = sqrt((|w_in|^2 + b^2) / (fan_in + 1) + 1e-8), making every hidden neuron's scale 1, and
+  carry s into the next layer's fan-in slice (for a conv, the input-channel axis; for the first
+  fully connected layer after a conv, the channel's block of the flattened features);
+- softmax is invariant to adding a constant to all logits, so the last bias loses its mean.
+  (The reference code subtracts the *sum*, which is invertible and removes nothing.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods.targets import TargetNet
+
+GAUGE_EPS = 1e-8
+
+
+def _layers(target: TargetNet) -> list[tuple[str, str]]:
+    names = target.spec.names
+    return [(names[i], names[i + 1]) for i in range(0, len(names), 2)]
+
+
+def gauge_fix(target: TargetNet, weights: torch.Tensor, *, eps: float = GAUGE_EPS, return_scales: bool = False):
+    """(S, P) -> (S, P) computing the same function, every hidden neuron at scale 1 and the
+    logits' bias centred. With `return_scales`, also the scales (S, n) divided out per layer.
+    `eps` guards the square root (the reference's 1e-8); with it, scales come out at
+    sqrt(m / (m + eps)) for a neuron of mean square m, i.e. 1 unless the neuron is tiny."""
+    p = dict(target.spec.unflatten(weights))
+    layers = _layers(target)
+    S = weights.shape[0]
+    scales = []
+    for (w_name, b_name), (w_next, _) in zip(layers[:-1], layers[1:]):
+        w, b = p[w_name], p[b_name]  # (S, out, fan_in...), (S, out)
+        out = w.shape[1]
+        fan_in = w[0, 0].numel()
+        s = ((w.reshape(S, out, -1).pow(2).sum(-1) + b.pow(2)) / (fan_in + 1) + eps).sqrt()  # (S, out)
+        p[w_name] = w / s.reshape(S, out, *[1] * (w.dim() - 2))
+        p[b_name] = b / s
+        nxt = p[w_next]  # its fan-in groups by this layer's neurons: (S, out_next, out, rest)
+        p[w_next] = (nxt.reshape(S, nxt.shape[1], out, -1) * s[:, None, :, None]).reshape(nxt.shape)
+        scales.append(s)
+    last_bias = layers[-1][1]
+    p[last_bias] = p[last_bias] - p[last_bias].mean(-1, keepdim=True)
+    fixed = target.spec.flatten(p)
+    return (fixed, scales) if return_scales else fixed
+
+
+def log_unit_ball_volume(d: int, p: float) -> float:
+    """log volume of the unit ball of the L_p norm in d dimensions."""
+    return d * math.log(2 * math.gamma(1 / p + 1)) - math.lgamma(d / p + 1)
+
+
+def kozachenko_leonenko(samples: torch.Tensor, *, p: float = 1.0, k: int = 1, dim: int | None = None,
+                        constants: bool = True) -> torch.Tensor:
+    """Nearest-neighbour entropy estimate of the distribution of `samples` (N, D):
+
+        H = psi(N) - psi(k) + log V_d + d * mean_i log(rho_i + 1e-8)
+
+    rho_i: L_p distance to the k-th nearest other sample. `dim` replaces d in the last term (and
+    V_d), as Deutsch et al. do with the latent dimension: the generated weights live on a
+    manifold of at most that dimension. `constants=False` keeps psi(N) and drops
+    -psi(k) + log V_d, as the reference training loss does (they do not change gradients)."""
+    N = samples.shape[0]
+    d = samples.shape[1] if dim is None else dim
+    dist = torch.cdist(samples, samples, p=p)  # (N, N)
+    dist = dist + torch.diag(torch.full((N,), math.inf, device=samples.device))  # exclude the self-match
+    rho = dist.topk(k, dim=1, largest=False).values[:, -1]
+    h = d * torch.log(rho + 1e-8).mean() + torch.special.digamma(torch.tensor(float(N)))
+    if constants:
+        h = h - torch.special.digamma(torch.tensor(float(k))) + log_unit_ball_volume(d, p)
+    return h

@@ -1,0 +1,63 @@
+"""Gauge fixing keeps the function and normalises scales; the entropy estimator is calibrated."""
+import math
+
+import pytest
+import torch
+
+from methods.diversity import gauge_fix, kozachenko_leonenko, log_unit_ball_volume
+from methods.targets import MLP, SmallCNN
+
+TARGETS = {"mlp": lambda: MLP((12,), (9, 7), 5), "cnn": lambda: SmallCNN((1, 12, 12), 4, channels=(6, 5), fc_hidden=7)}
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_gauge_fixing_keeps_outputs_and_sets_scales_to_one(kind):
+    net = TARGETS[kind]()
+    g = torch.Generator().manual_seed(0)
+    # Random per-neuron rescalings make the raw scales far from 1.
+    w = torch.stack([net.init_weights(g) * (0.2 + 3 * torch.rand(1, generator=g)) for _ in range(4)]).double()
+    x = torch.randn(6, *net.input_shape, generator=g).double()
+    fixed, scales = gauge_fix(net, w, return_scales=True)
+    out, out_fixed = net.forward(w, x), net.forward(fixed, x)
+    # Softmax outputs are unchanged; logits move only by the per-sample constant of the bias mean.
+    assert torch.allclose(out.softmax(-1), out_fixed.softmax(-1), atol=1e-5)
+    assert torch.allclose(out - out.mean(-1, keepdim=True), out_fixed - out_fixed.mean(-1, keepdim=True), atol=1e-5)
+    exact = gauge_fix(net, w, eps=0.0)
+    assert torch.allclose(net.forward(exact, x).softmax(-1), out.softmax(-1), atol=1e-5)
+    refixed, rescales = gauge_fix(net, exact, eps=0.0, return_scales=True)
+    for s in rescales:
+        assert torch.allclose(s, torch.ones_like(s), atol=1e-10)  # every hidden neuron at scale 1
+    assert torch.allclose(refixed, exact, atol=1e-10)  # idempotent
+    # The reference's eps only matters for tiny neurons (mean square near 1e-6 here): within 1e-2.
+    assert max(float((s - 1).abs().max()) for s in gauge_fix(net, fixed, return_scales=True)[1]) < 1e-2
+    last_bias = net.spec.unflatten(fixed)[net.spec.names[-1]]
+    assert torch.allclose(last_bias.mean(-1), torch.zeros(4, dtype=torch.double), atol=1e-10)
+    assert any(not torch.allclose(s, torch.ones_like(s), atol=0.1) for s in scales)  # it did something
+
+
+def test_unit_ball_volumes():
+    assert math.isclose(math.exp(log_unit_ball_volume(2, 2)), math.pi)
+    assert math.isclose(math.exp(log_unit_ball_volume(3, 2)), 4 / 3 * math.pi)
+    assert math.isclose(math.exp(log_unit_ball_volume(2, 1)), 2.0)  # the L1 diamond
+    assert math.isclose(math.exp(log_unit_ball_volume(3, 1)), 8 / 6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_entropy_of_gaussian_within_10_percent(p):
+    d, n = 4, 2000
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(d, d, generator=g, dtype=torch.double)
+    cov = a @ a.T + 2.0 * torch.eye(d, dtype=torch.double)
+    samples = torch.randn(n, d, generator=g, dtype=torch.double) @ torch.linalg.cholesky(cov).T
+    analytic = 0.5 * (d * math.log(2 * math.pi * math.e) + float(torch.logdet(cov)))
+    estimate = float(kozachenko_leonenko(samples, p=p))
+    assert abs(estimate - analytic) < 0.1 * abs(analytic), (estimate, analytic)
+
+
+def test_entropy_grows_with_spread_and_has_gradients():
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(2))
+    h1, h2 = kozachenko_leonenko(x), kozachenko_leonenko(3 * x)
+    assert float(h2 - h1) == pytest.approx(10 * math.log(3), rel=1e-4)  # d * log(scale)
+    y = x.clone().requires_grad_()
+    kozachenko_leonenko(y, dim=300, constants=False).backward()
+    assert torch.isfinite(y.grad).all() and float(y.grad.abs().sum()) > 0
