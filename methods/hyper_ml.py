@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.data import Splits
-from methods.hparams import HParam, resolve
-from methods.losses import metrics, task_loss
+from methods.generative import GenerativeMethod
+from methods.hparams import HParam
+from methods.losses import task_loss
 from methods.targets import TargetNet, sample_dropout
 
 
@@ -41,6 +41,8 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("eval_samples", 16, 1, 4096, kind=int),
     ]
     return {hp.name: hp for hp in hps}
+
+
 
 
 def inv_softplus(y: float) -> float:
@@ -84,25 +86,18 @@ class HyperNet(nn.Module):
         return self.base + self.bound * self.out(h)
 
 
-class HyperML:
-    def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
-                 device: str | torch.device = "cpu"):
-        self.target, self.splits, self.device = target, splits, torch.device(device)
-        self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
-        self.seed = seed
-        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # eps, dropout, input noise
+class HyperML(GenerativeMethod):
+    hyperparameters = staticmethod(hyperparameters)
+
+    def build(self, target: TargetNet, generator: torch.Generator) -> list[torch.Tensor]:
         self.hypernet = HyperNet(target, self.hp["noise_dim"], list(self.hp["hyper_hidden"]), self.hp["hyper_dropout"],
-                                 self.hp["noise_scale_init"], self.data_gen).to(self.device)
+                                 self.hp["noise_scale_init"], generator).to(self.device)
         self.input_noise = torch.tensor(inv_softplus(self.hp["input_noise_init"]), device=self.device,
                                         requires_grad=True)
-        self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
-        params = [*self.hypernet.parameters(), self.input_noise]
-        if splits.task == "regression":
-            params.append(self.log_noise_std)
-        self.optimizer = torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
-        self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
-        self.epoch = 0
+        return [*self.hypernet.parameters(), self.input_noise]
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
     def sample_weights(self, k: int, generator: torch.Generator, training: bool = False) -> torch.Tensor:
         """(k, P) weight vectors; without dropout unless `training`."""
@@ -110,66 +105,25 @@ class HyperML:
         eps = torch.randn(k, self.hp["noise_dim"], generator=generator, device=self.device)
         return self.hypernet(eps, generator)
 
-    def train_epoch(self) -> float:
-        x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        total = torch.zeros((), device=self.device)
-        for idx in perm.split(self.hp["batch_size"]):
-            B = len(idx)
-            S = self.hp["samples_per_step"] or B
-            S = math.gcd(S, B)  # S samples x B/S examples each; a short last batch keeps it exact
-            xb = x[idx] + F.softplus(self.input_noise) * torch.randn(x[idx].shape, generator=self.noise_gen,
-                                                                     device=self.device)
-            w = self.sample_weights(S, self.noise_gen, training=True)  # (S, P)
-            out = self.target.forward(w, xb.reshape(S, B // S, *xb.shape[1:]))  # (S, B/S, out)
-            loss = task_loss(out, y[idx].reshape(S, B // S), self.splits.task, self.log_noise_std)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.detach() * B
-        self.epoch += 1
-        return float(total) / len(x)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Mean prediction over the weight samples: probabilities or regression means (B, out)."""
-        outs = []
-        for xc in x.split(chunk):
-            out = self.target.forward(weights, xc)  # (S, b, out)
-            outs.append(out.softmax(-1).mean(0) if self.splits.task == "classification" else out.mean(0))
-        return torch.cat(outs)
-
-    def eval_generator(self) -> torch.Generator:
-        # A fixed set of test samples: evaluation does not disturb training's random stream.
-        return torch.Generator(device=self.device).manual_seed(self.seed + 2)
-
-    @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        x, y = self.data[split]
-        w = self.sample_weights(self.hp["eval_samples"], self.eval_generator())
-        return metrics(self.predict(x, w), y, self.splits, self.log_noise_std,
-                       probabilities=self.splits.task == "classification")
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B = len(x)
+        S = math.gcd(self.hp["samples_per_step"] or B, B)  # S samples x B/S examples; exact for a short last batch
+        x = x + F.softplus(self.input_noise) * torch.randn(x.shape, generator=self.noise_gen, device=self.device)
+        w = self.sample_weights(S, self.noise_gen, training=True)  # (S, P)
+        out = self.target.forward(w, x.reshape(S, B // S, *x.shape[1:]))  # (S, B/S, out)
+        return task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        w = self.sample_weights(10, self.eval_generator())
-        return {"weight_std": float(w.std(0).mean()), "input_noise": float(F.softplus(self.input_noise)),
+        return {**super().diagnostics(), "input_noise": float(F.softplus(self.input_noise)),
                 "noise_scale": float(F.softplus(self.hypernet.noise_scale))}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "input_noise": self.input_noise.detach().clone(), "log_noise_std": self.log_noise_std.detach().clone(),
-                "epoch": self.epoch, "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+    def extra_state(self) -> dict[str, Any]:
+        return {"hypernet": self.hypernet.state_dict(), "input_noise": self.input_noise.detach().clone()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.hypernet.load_state_dict(state["hypernet"])
-        self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             self.input_noise.copy_(state["input_noise"])
-            self.log_noise_std.copy_(state["log_noise_std"])
-        self.epoch = int(state["epoch"])
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
-
 
 METHOD = HyperML

@@ -28,7 +28,7 @@ from ray import tune
 from methods.data import task_of
 from orchestrator.budget import Budget, Clock
 from orchestrator.planning import ArmSeed, num_samples, plan, searcher, trial_config
-from orchestrator.progress import ArmStatus, ProgressView, quality_columns, summary_markdown, summary_table
+from orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from orchestrator.results import ResultsStore
 from orchestrator.study import Study, StudyError
 from orchestrator.tracking import Tracker, flatten

@@ -1,0 +1,94 @@
+"""What every generative method shares: a network that generates target weights, trained by
+minibatches; predictions averaged over a fixed set of weight samples; exact state for
+checkpoints. Subclasses (one file per method) implement:
+
+    hyperparameters(n_dropout_sites) -> {name: HParam}  (a staticmethod: the module's function)
+    build(target, generator) -> trainable tensors       the generator network and its extras
+    optimizer(params) -> torch.optim.Optimizer
+    sample_weights(k, generator, training=False) -> (k, P)
+    train_batch(x, y) -> loss                            one minibatch, loss to minimise
+    extra_state() / load_extra_state(state)              the subclass's own tensors
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from methods.data import Splits
+from methods.hparams import resolve
+from methods.losses import metrics
+from methods.targets import TargetNet
+
+
+class GenerativeMethod:
+    def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
+                 device: str | torch.device = "cpu"):
+        self.target, self.splits, self.device = target, splits, torch.device(device)
+        self.hp = resolve(self.hyperparameters(target.n_dropout_sites), hp)
+        self.seed = seed
+        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # training noise, dropout
+        params = self.build(target, self.data_gen)
+        self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
+        if splits.task == "regression":
+            params.append(self.log_noise_std)
+        self.optim = self.optimizer(params)
+        self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
+        self.epoch = 0
+
+    def scheduler_step(self) -> None:
+        """Called after every optimiser step (e.g. a per-step learning-rate decay)."""
+
+    def train_epoch(self) -> float:
+        x, y = self.data["train"]
+        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
+        total = torch.zeros((), device=self.device)
+        for idx in perm.split(self.hp["batch_size"]):
+            loss = self.train_batch(x[idx], y[idx])
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optim.step()
+            self.scheduler_step()
+            total += loss.detach() * len(idx)
+        self.epoch += 1
+        return float(total) / len(x)
+
+    def eval_generator(self) -> torch.Generator:
+        # A fixed set of test samples: evaluation does not disturb training's random stream.
+        return torch.Generator(device=self.device).manual_seed(self.seed + 2)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, weights: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Mean prediction over weight samples (k, P): probabilities or regression means (B, out)."""
+        outs = []
+        for xc in x.split(chunk):
+            out = self.target.forward(weights, xc)  # (k, b, out)
+            outs.append(out.softmax(-1).mean(0) if self.splits.task == "classification" else out.mean(0))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        x, y = self.data[split]
+        w = self.sample_weights(self.hp["eval_samples"], self.eval_generator())
+        return metrics(self.predict(x, w), y, self.splits, self.log_noise_std,
+                       probabilities=self.splits.task == "classification")
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """`weight_std`: std across 10 weight samples, averaged over weight dimensions."""
+        return {"weight_std": float(self.sample_weights(10, self.eval_generator()).std(0).mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.extra_state(), "optimizer": self.optim.state_dict(),
+                "log_noise_std": self.log_noise_std.detach().clone(), "epoch": self.epoch,
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.load_extra_state(state)
+        self.optim.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.log_noise_std.copy_(state["log_noise_std"])
+        self.epoch = int(state["epoch"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
