@@ -13,6 +13,7 @@ from types import ModuleType
 METHODS: dict[str, str] = {
     "sgd": "methods.sgd",
     "hyper-ml": "methods.hyper_ml",
+    "hyper-diverse": "methods.hyper_diverse",
 }
 
 

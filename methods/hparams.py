@@ -21,6 +21,8 @@ class HParam:
 
     def check(self, value: Any) -> str | None:
         """None when `value` is valid, else what is wrong."""
+        if self.kind is str:
+            return None if isinstance(value, str) else f"expected a string, got {value!r}"
         if self.kind is list:
             if not isinstance(value, list) or not value or not all(
                     isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high for v in value):

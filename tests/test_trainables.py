@@ -12,6 +12,8 @@ from workers import TRAINABLES, trainable_class
 CONFIGS = {
     "sgd": {"hp": {"lr": 0.05, "dropout": 0.2, "input_noise": 0.1, "batch_size": 32}},
     "hyper-ml": {"hp": {"lr": 1e-3, "batch_size": 64, "samples_per_step": 16, "hyper_hidden": [16, 8]}},
+    "hyper-diverse": {"hp": {"noise_batch": 8, "image_batch": 16, "latent_dim": 20, "extractor_hidden": [32],
+                             "generator_hidden": [16], "batch_norm": 1}},
 }
 
 # Keys that differ between two runs of the same step (timings).

@@ -10,6 +10,7 @@ import importlib
 TRAINABLES: dict[str, str] = {
     "sgd": "workers.sgd_trainable:SGDTrainable",
     "hyper-ml": "workers.hypernet_trainable:HypernetTrainable",
+    "hyper-diverse": "workers.hypernet_trainable:HypernetTrainable",
 }
 
 
