@@ -49,16 +49,6 @@ def inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def layer_bounds(target: TargetNet) -> torch.Tensor:
-    """(P,) the default init bound 1/sqrt(fan_in) of the layer each weight belongs to."""
-    parts, fan_in = [], 1
-    for name, shape in zip(target.spec.names, target.spec.shapes):
-        if not name.endswith(".bias"):
-            fan_in = math.prod(shape[1:])
-        parts.append(torch.full((math.prod(shape),), 1.0 / math.sqrt(fan_in)))
-    return torch.cat(parts)
-
-
 class HyperNet(nn.Module):
     """eps (S, noise_dim) -> flat target weights (S, P)."""
 
@@ -69,7 +59,7 @@ class HyperNet(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False)
         self.base = nn.Parameter(target.init_weights(generator))
-        self.register_buffer("bound", layer_bounds(target))
+        self.register_buffer("bound", target.init_bounds())
         self.noise_scale = nn.Parameter(torch.tensor(inv_softplus(noise_scale_init)))
         self.dropout, self.noise_dim = dropout, noise_dim
         with torch.no_grad():  # explicit-generator init, as for the target

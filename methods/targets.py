@@ -93,16 +93,21 @@ class TargetNet:
         """weights (S, P), x (B, ...) or (S, B, ...) -> (S, B, n_outputs)."""
         raise NotImplementedError
 
-    def init_weights(self, generator: torch.Generator) -> torch.Tensor:
-        """A flat (P,) draw of PyTorch's default initialisation, U(+-1/sqrt(fan_in)) for weights
-        and biases, from an explicit generator instead of the global one."""
+    def init_bounds(self) -> torch.Tensor:
+        """(P,) PyTorch's default init bound 1/sqrt(fan_in) of the layer each weight belongs to
+        (a bias uses its layer's weight fan-in)."""
         parts, fan_in = [], 1
         for name, shape in zip(self.spec.names, self.spec.shapes):
             if not name.endswith(".bias"):
-                fan_in = math.prod(shape[1:])  # a bias uses its layer's weight fan-in
-            bound = 1.0 / math.sqrt(fan_in)
-            parts.append((torch.rand(math.prod(shape), generator=generator) * 2 - 1) * bound)
+                fan_in = math.prod(shape[1:])
+            parts.append(torch.full((math.prod(shape),), 1.0 / math.sqrt(fan_in)))
         return torch.cat(parts)
+
+    def init_weights(self, generator: torch.Generator) -> torch.Tensor:
+        """A flat (P,) draw of PyTorch's default initialisation, U(+-1/sqrt(fan_in)) for weights
+        and biases, from an explicit generator instead of the global one."""
+        bounds = self.init_bounds()
+        return (torch.rand(bounds.shape, generator=generator) * 2 - 1) * bounds
 
     def flat_weights(self, module: nn.Module) -> torch.Tensor:
         """The module's parameters as one flat vector (P,), in spec order."""

@@ -2,7 +2,7 @@
 import torch
 
 from methods import data
-from methods.hyper_ml import HyperML, layer_bounds
+from methods.hyper_ml import HyperML
 from methods.targets import build_target
 
 
@@ -32,7 +32,7 @@ def test_initial_population_is_a_spread_of_default_inits():
     w = m.sample_weights(64, torch.Generator().manual_seed(0)).detach()
     spread = w.std(0)
     assert float(spread.min()) > 0  # every weight varies across samples
-    assert float((spread / layer_bounds(m.target)).max()) < 1.0  # within each layer's init scale
+    assert float((spread / m.target.init_bounds()).max()) < 1.0  # within each layer's init scale
     assert m.diagnostics()["noise_scale"] == torch.nn.functional.softplus(m.hypernet.noise_scale).item()
 
 
