@@ -185,9 +185,8 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
         status.wall_time_used_s = budget.elapsed()
         status.elapsed_s = status.wall_time_used_s
         store.write_part(unit.arm.name, unit.seed_index, recorder.rows)
-        for trial_run in recorder.trial_runs.values():
-            if trial_run in tracker._open:
-                tracker.end_run(trial_run, "KILLED")
+        for trial_run in recorder.trial_runs.values():  # trials the budget cut short
+            tracker.end_if_open(trial_run, "KILLED")
     failed = not recorder.rows or errors == status.trials_started
     status.status = "failed" if failed else "done"
     _record_arm_end(tracker, run_id, status, recorder.rows, errors)

@@ -101,6 +101,10 @@ class Tracker:
         if run_id in self._open:
             self._open.remove(run_id)
 
+    def end_if_open(self, run_id: str, status: str) -> None:
+        if run_id in self._open:
+            self.end_run(run_id, status)
+
     def end_all(self, status: str) -> None:
         """End every run still open (children first), e.g. after an error or Ctrl-C."""
         try:

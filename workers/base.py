@@ -14,8 +14,8 @@ The config a trial receives (built by the coordinator, see orchestrator/planning
     hp:      the method's hyperparameters (searched ones sampled by Tune)
     seed, epochs_per_step, device ("auto": a GPU when Ray assigned one)
 
-Subclasses implement `build(config, splits, target, device)` returning the method object, which
-has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`,
+`build(config, splits, target, device)` returns the method object (by default the registered
+method's `METHOD` class; a family overrides it when it needs more), which has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`,
 and optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from ray import tune
 
 from methods import data as datasets
+from methods import method_module
 from methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
@@ -70,7 +71,8 @@ class MethodTrainable(tune.Trainable):
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
 
     def build(self, config, splits, target, device):
-        raise NotImplementedError
+        """The method object: the registered method's class, unless a family needs more."""
+        return method_module(config["method"]).METHOD(target, splits, config["hp"], seed=config["seed"], device=device)
 
     def step(self) -> dict[str, Any]:
         t = time.monotonic()
