@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "sgd": "methods.sgd",
     "hyper-ml": "methods.hyper_ml",
     "hyper-diverse": "methods.hyper_diverse",
+    "hyper-posterior": "methods.hyper_posterior",
 }
 
 

@@ -58,21 +58,41 @@ class GenerativeMethod:
         # A fixed set of test samples: evaluation does not disturb training's random stream.
         return torch.Generator(device=self.device).manual_seed(self.seed + 2)
 
+    def draw(self, k: int, generator: torch.Generator):
+        """k weight samples in the form `forward_samples` takes: by default the (k, P) weights;
+        a method with a cheaper representation (hyper-posterior's modulations) overrides both."""
+        return self.sample_weights(k, generator)
+
+    def forward_samples(self, samples, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) through every sample: (k, B, out)."""
+        return self.target.forward(samples, x)
+
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Mean prediction over weight samples (k, P): probabilities or regression means (B, out)."""
-        outs = []
-        for xc in x.split(chunk):
-            out = self.target.forward(weights, xc)  # (k, b, out)
-            outs.append(out.softmax(-1).mean(0) if self.splits.task == "classification" else out.mean(0))
-        return torch.cat(outs)
+    def sample_outputs(self, x: torch.Tensor, samples, chunk: int = 2048) -> torch.Tensor:
+        """(k, B, out) outputs of every sample (logits or standardised means), evaluated in
+        chunks of examples, never in a loop over samples."""
+        return torch.cat([self.forward_samples(samples, xc) for xc in x.split(chunk)], dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, samples, chunk: int = 2048) -> torch.Tensor:
+        """Mean prediction over weight samples: probabilities or regression means (B, out)."""
+        out = self.sample_outputs(x, samples, chunk)
+        return out.softmax(-1).mean(0) if self.splits.task == "classification" else out.mean(0)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the mean prediction over `eval_samples` samples, and `error_single`
+        (`rmse_single`): the mean over those samples of each one's own error."""
         x, y = self.data[split]
-        w = self.sample_weights(self.hp["eval_samples"], self.eval_generator())
-        return metrics(self.predict(x, w), y, self.splits, self.log_noise_std,
-                       probabilities=self.splits.task == "classification")
+        out = self.sample_outputs(x, self.draw(self.hp["eval_samples"], self.eval_generator()))
+        if self.splits.task == "classification":
+            result = metrics(out.softmax(-1).mean(0), y, self.splits, probabilities=True)
+            result["error_single"] = float((out.argmax(-1) != y).float().mean())
+        else:
+            result = metrics(out.mean(0), y, self.splits, self.log_noise_std)
+            rmse = ((out.squeeze(-1) - y) ** 2).mean(1).sqrt() * self.splits.y_std
+            result["rmse_single"] = float(rmse.mean())
+        return result
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:

@@ -93,6 +93,12 @@ class TargetNet:
         """weights (S, P), x (B, ...) or (S, B, ...) -> (S, B, n_outputs)."""
         raise NotImplementedError
 
+    def forward_rank1(self, base: torch.Tensor, rows: dict[str, torch.Tensor], cols: dict[str, torch.Tensor],
+                      x: torch.Tensor, **kw) -> torch.Tensor:
+        """Evaluate the S weight vectors `rank1_weights(spec, base, rows, cols)`; targets with a
+        faster path (no per-sample weights built) override this."""
+        return self.forward(rank1_weights(self.spec, base, rows, cols), x, **kw)
+
     def init_bounds(self) -> torch.Tensor:
         """(P,) PyTorch's default init bound 1/sqrt(fan_in) of the layer each weight belongs to
         (a bias uses its layer's weight fan-in)."""
@@ -135,6 +141,27 @@ class TargetNet:
         if training and input_noise > 0:
             x = x + input_noise * torch.randn(x.shape, generator=generator, device=x.device)
         return self._regularise(x, 0, dropout, training, generator)
+
+
+def rank1_shapes(spec: ParamSpec) -> dict[str, tuple[int, int]]:
+    """Per parameter tensor, the lengths of its row scale (output axis) and column scale (input
+    axis; 0 for vectors)."""
+    return {n: (s[0], s[1] if len(s) > 1 else 0) for n, s in zip(spec.names, spec.shapes)}
+
+
+def rank1_weights(spec: ParamSpec, base: torch.Tensor, rows: dict[str, torch.Tensor],
+                  cols: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(S, P) weights: each tensor of `base` (P,) scaled by rows[name] (S, out) along its output
+    axis and cols[name] (S, in) along its input axis (vectors: rows only)."""
+    parts = []
+    for name, w in spec.unflatten(base.reshape(1, -1)).items():
+        r = rows[name]
+        w = w * r.reshape(*r.shape, *(1,) * (w.dim() - 2))
+        if w.dim() > 2:
+            c = cols[name]
+            w = w * c.reshape(c.shape[0], 1, c.shape[1], *(1,) * (w.dim() - 3))
+        parts.append(w.reshape(w.shape[0], -1))
+    return torch.cat(parts, 1)
 
 
 def _linear_shared(x, w, b):
@@ -180,6 +207,24 @@ class MLP(TargetNet):
         n_layers = len(self.dims) - 1
         for i in range(n_layers):
             h = _linear(h, p[f"layers.{i}.weight"], p[f"layers.{i}.bias"])
+            if i < n_layers - 1:
+                h = self._regularise(torch.relu(h), i + 1, dropout, training, generator)
+        return h
+
+
+    def forward_rank1(self, base, rows, cols, x, *, dropout=None, input_noise=0.0, training=False, generator=None):
+        """Rank-1 modulated weights without building them: one GEMM per layer for all samples."""
+        S = next(iter(rows.values())).shape[0]
+        p = self.spec.unflatten(base.reshape(1, -1))
+        per_sample = x.dim() == len(self.input_shape) + 2
+        h = x.reshape(S, x.shape[1], -1) if per_sample else x.reshape(x.shape[0], -1)
+        h = self._input(h, S, input_noise, dropout, training, generator, per_sample_ndim=2)
+        if h.dim() == 2:
+            h = h.unsqueeze(0).expand(S, *h.shape)
+        n_layers = len(self.dims) - 1
+        for i in range(n_layers):
+            w, b = f"layers.{i}.weight", f"layers.{i}.bias"
+            h = rank1_linear(h, p[w][0], p[b][0], rows[w], cols[w], rows[b])
             if i < n_layers - 1:
                 h = self._regularise(torch.relu(h), i + 1, dropout, training, generator)
         return h
@@ -272,20 +317,204 @@ class _SmallCNNModule(nn.Module):
         return self.fc2(h)
 
 
-TARGETS = {"mlp": MLP, "cnn": SmallCNN}
+class WideResNet(TargetNet):
+    """A pre-activation wide residual network for images (Zagoruyko & Komodakis 2016):
+    conv3x3(16) -> 3 stages of n blocks, widths 16k, 32k, 64k, strides 1, 2, 2 -> norm, ReLU,
+    global average pool -> linear. depth = 6n + 4: WRN-16-4 is (16, 4); (22, 1) is close to
+    the CIFAR ResNet-20. Each block: norm-ReLU-conv3x3-norm-ReLU-dropout-conv3x3, plus the identity or a
+    1x1 projection of the pre-activated input when the shape changes. Convolutions have no bias.
+
+    Normalisation is GroupNorm, not BatchNorm: batch norm's running statistics belong to one
+    weight vector, and a distribution of weights would need one set per sample; group norm
+    normalises each example on its own, so it is the same function for any number of weight
+    samples, in training and at test time. Dropout sites: 0 the input, 1 inside every block."""
+
+    def __init__(self, input_shape: Sequence[int], n_outputs: int, depth: int = 16, width: int = 4,
+                 norm_groups: int = 8):
+        if (depth - 4) % 6 or depth < 10:
+            raise ValueError(f"resnet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        self.input_shape, self.n_outputs = tuple(input_shape), n_outputs
+        self.depth, self.width, self.norm_groups = depth, width, norm_groups
+        widths = (16, 16 * width, 32 * width, 64 * width)
+        if any(w % norm_groups for w in widths):
+            raise ValueError(f"resnet norm_groups {norm_groups} must divide every width {widths}")
+        names, shapes = ["conv0.weight"], [(16, self.input_shape[0], 3, 3)]
+        self.blocks: list[tuple[int, int, int]] = []  # (in, out, stride)
+        c_in = 16
+        for stage, (c_out, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+            for j in range((depth - 4) // 6):
+                self.blocks.append((c_in, c_out, stride if j == 0 else 1))
+                c_in = c_out
+        for i, (a, b, stride) in enumerate(self.blocks):
+            names += [f"blocks.{i}.norm1.weight", f"blocks.{i}.norm1.bias", f"blocks.{i}.conv1.weight",
+                      f"blocks.{i}.norm2.weight", f"blocks.{i}.norm2.bias", f"blocks.{i}.conv2.weight"]
+            shapes += [(a,), (a,), (b, a, 3, 3), (b,), (b,), (b, b, 3, 3)]
+            if a != b or stride != 1:
+                names.append(f"blocks.{i}.shortcut.weight")
+                shapes.append((b, a, 1, 1))
+        names += ["norm.weight", "norm.bias", "fc.weight", "fc.bias"]
+        shapes += [(c_in,), (c_in,), (n_outputs, c_in), (n_outputs,)]
+        self.spec = ParamSpec(tuple(names), tuple(shapes))
+        self.n_dropout_sites = 2
+
+    @staticmethod
+    def is_norm(name: str) -> bool:
+        return ".norm" in name or name.startswith("norm.")
+
+    def init_bounds(self) -> torch.Tensor:
+        """Convolutions and the linear layer as in the base class; norm parameters 0 (they
+        start at exactly 1 and 0, see init_weights)."""
+        bounds = super().init_bounds()
+        for name, chunk in zip(self.spec.names, torch.split(bounds, self.spec.sizes)):
+            if self.is_norm(name):
+                chunk.zero_()
+        return bounds
+
+    def init_weights(self, generator: torch.Generator) -> torch.Tensor:
+        w = super().init_weights(generator)
+        for name, chunk in zip(self.spec.names, torch.split(w, self.spec.sizes)):
+            if self.is_norm(name):
+                chunk.fill_(1.0 if name.endswith(".weight") else 0.0)
+        return w
+
+    def module(self) -> nn.Module:
+        return _WideResNetModule(self)
+
+    def forward(self, weights, x, *, dropout=None, input_noise=0.0, training=False, generator=None):
+        S = weights.shape[0]
+        x = self._input(x, S, input_noise, dropout, training, generator, per_sample_ndim=4)
+        return self._body(_GroupedOps(self.spec.unflatten(weights), S, self.norm_groups), x, dropout, training, generator)
+
+    def forward_rank1(self, base, rows, cols, x, **kw):
+        """The rank-1 modulated weights `base * rows[name] (x) cols[name]` without building them:
+        every convolution runs once over all S*B examples with the base weights, the input
+        channels scaled by `cols` before and the output channels by `rows` after (exact, since a
+        convolution is linear in each input channel). The cost is one ordinary forward pass."""
+        S = next(iter(rows.values())).shape[0]
+        x = self._input(x, S, kw.get("input_noise", 0.0), kw.get("dropout"), kw.get("training", False),
+                        kw.get("generator"), per_sample_ndim=4)
+        if x.dim() == 4:
+            x = x.unsqueeze(0).expand(S, *x.shape)
+        ops = _Rank1Ops(self.spec.unflatten(base.reshape(1, -1)), rows, cols, S, self.norm_groups)
+        return self._body(ops, x.reshape(-1, *x.shape[2:]), kw.get("dropout"), kw.get("training", False),
+                          kw.get("generator"))
+
+    def _body(self, ops, h, dropout, training, generator):
+        h = ops.conv(h, "conv0.weight", 1, 1, shared_input=True)
+        for i, (a, b, stride) in enumerate(self.blocks):
+            o = torch.relu(ops.norm(h, f"blocks.{i}.norm1"))
+            shortcut = ops.conv(o, f"blocks.{i}.shortcut.weight", stride, 0) if a != b or stride != 1 else h
+            o = torch.relu(ops.norm(ops.conv(o, f"blocks.{i}.conv1.weight", stride, 1), f"blocks.{i}.norm2"))
+            if dropout is not None:
+                o = sample_dropout(o, dropout[1], training, generator)
+            h = ops.conv(o, f"blocks.{i}.conv2.weight", 1, 1) + shortcut
+        h = torch.relu(ops.norm(h, "norm"))
+        return ops.linear(ops.pool(h), "fc")
+
+
+class _GroupedOps:
+    """Per-sample weights (S, ...): activations (B, S*C, H, W), one conv group per sample."""
+
+    def __init__(self, p, S, norm_groups):
+        self.p, self.S, self.G = p, S, norm_groups
+
+    def conv(self, h, name, stride, padding, shared_input=False):
+        w = self.p[name]  # (S, out, in, k, k)
+        if shared_input and h.dim() == 4:  # (B, C, H, W) shared by every sample: stacked filter banks
+            return F.conv2d(h, w.flatten(0, 1), stride=stride, padding=padding)
+        if h.dim() == 5:  # (S, B, C, H, W)
+            h = h.transpose(0, 1).reshape(h.shape[1], -1, *h.shape[3:])
+        return F.conv2d(h, w.flatten(0, 1), stride=stride, padding=padding, groups=self.S)
+
+    def norm(self, h, name):
+        return F.group_norm(h, self.S * self.G, self.p[f"{name}.weight"].flatten(), self.p[f"{name}.bias"].flatten())
+
+    def pool(self, h):
+        B = h.shape[0]
+        return h.mean((2, 3)).reshape(B, self.S, -1).transpose(0, 1)  # (S, B, C)
+
+    def linear(self, h, name):
+        return _linear(h, self.p[f"{name}.weight"], self.p[f"{name}.bias"])
+
+
+class _Rank1Ops:
+    """Base weights with per-sample row/column scales: activations (S*B, C, H, W)."""
+
+    def __init__(self, base, rows, cols, S, norm_groups):
+        self.base, self.rows, self.cols, self.S, self.G = base, rows, cols, S, norm_groups
+
+    def _scale(self, h, s):  # h (S*B, C, ...) times s (S, C) per sample
+        shape = (self.S, -1, s.shape[1]) + (1,) * (h.dim() - 2)
+        return (h.reshape(self.S, -1, *h.shape[1:]) * s.reshape(shape)).reshape(h.shape)
+
+    def conv(self, h, name, stride, padding, shared_input=False):
+        h = F.conv2d(self._scale(h, self.cols[name]), self.base[name][0], stride=stride, padding=padding)
+        return self._scale(h, self.rows[name])
+
+    def norm(self, h, name):
+        w, b = (self.base[f"{name}.{k}"][0] * self.rows[f"{name}.{k}"] for k in ("weight", "bias"))  # (S, C)
+        h = F.group_norm(h, self.G).reshape(self.S, -1, *h.shape[1:])
+        return (h * w[:, None, :, None, None] + b[:, None, :, None, None]).flatten(0, 1)
+
+    def pool(self, h):
+        return h.mean((2, 3)).reshape(self.S, -1, h.shape[1])  # (S, B, C)
+
+    def linear(self, h, name):
+        return rank1_linear(h, self.base[f"{name}.weight"][0], self.base[f"{name}.bias"][0],
+                            self.rows[f"{name}.weight"], self.cols[f"{name}.weight"], self.rows[f"{name}.bias"])
+
+
+def rank1_linear(h, w, b, row, col, bias_row):
+    """h (S, B, in) through the weights w * row (x) col (per sample) and bias b * bias_row:
+    ((h * col) @ w.T) * row + b * bias_row, one GEMM for all samples."""
+    return (h * col.unsqueeze(1)) @ w.T * row.unsqueeze(1) + (b * bias_row).unsqueeze(1)
+
+
+class _WideResNetModule(nn.Module):
+    def __init__(self, net: WideResNet):
+        super().__init__()
+        G = net.norm_groups
+        self.net = [net]  # a list: not a submodule
+        self.conv0 = nn.Conv2d(net.input_shape[0], 16, 3, padding=1, bias=False)
+        self.blocks = nn.ModuleList()
+        for a, b, stride in net.blocks:
+            block = nn.Module()
+            block.norm1, block.conv1 = nn.GroupNorm(G, a), nn.Conv2d(a, b, 3, stride, 1, bias=False)
+            block.norm2, block.conv2 = nn.GroupNorm(G, b), nn.Conv2d(b, b, 3, 1, 1, bias=False)
+            if a != b or stride != 1:
+                block.shortcut = nn.Conv2d(a, b, 1, stride, bias=False)
+            self.blocks.append(block)
+        self.norm = nn.GroupNorm(G, net.blocks[-1][1])
+        self.fc = nn.Linear(net.blocks[-1][1], net.n_outputs)
+        self.reg = Regularisation(net.n_dropout_sites)
+
+    def forward(self, x):
+        h = self.conv0(self.reg.drop(self.reg.noise(x), 0))
+        for block in self.blocks:
+            o = torch.relu(block.norm1(h))
+            shortcut = block.shortcut(o) if hasattr(block, "shortcut") else h
+            o = self.reg.drop(torch.relu(block.norm2(block.conv1(o))), 1)
+            h = block.conv2(o) + shortcut
+        return self.fc(torch.relu(self.norm(h)).mean((2, 3)))
+
+
+TARGETS = {"mlp": MLP, "cnn": SmallCNN, "resnet": WideResNet}
 
 
 def n_dropout_sites(kind: str, hidden: Sequence[int] = ()) -> int:
-    """Dropout sites of a target before it is built (input + one per hidden layer)."""
-    return 1 + len(hidden) if kind == "mlp" else 4
+    """Dropout sites of a target before it is built (input + one per hidden layer; the resnet:
+    input + inside the blocks)."""
+    return {"mlp": 1 + len(hidden), "cnn": 4, "resnet": 2}[kind]
 
 
 def build_target(kind: str, input_shape: Sequence[int], n_outputs: int, **options) -> TargetNet:
-    """`kind` from TARGETS; options: `hidden` for the MLP, `channels`/`fc_hidden`/`kernel_size` for the CNN."""
+    """`kind` from TARGETS; options: `hidden` for the MLP, `channels`/`fc_hidden`/`kernel_size`
+    for the CNN, `depth`/`width`/`norm_groups` for the resnet."""
     if kind not in TARGETS:
         raise ValueError(f"unknown model {kind!r}; valid: {', '.join(sorted(TARGETS))}")
     if kind == "mlp":
         return MLP(input_shape, options.get("hidden", (400, 400)), n_outputs)
     if len(input_shape) != 3:
-        raise ValueError(f"model 'cnn' needs image inputs (C, H, W), got shape {tuple(input_shape)}")
-    return SmallCNN(input_shape, n_outputs, **{k: v for k, v in options.items() if k != "hidden"})
+        raise ValueError(f"model {kind!r} needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    allowed = {"cnn": ("channels", "fc_hidden", "kernel_size"), "resnet": ("depth", "width", "norm_groups")}[kind]
+    return TARGETS[kind](input_shape, n_outputs, **{k: v for k, v in options.items() if k in allowed})

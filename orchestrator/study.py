@@ -32,14 +32,19 @@ class DatasetConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "resnet"] = "mlp"
     hidden: list[int] = [400, 400]  # mlp
     channels: list[int] = [32, 16]  # cnn
     fc_hidden: int = Field(8, ge=1)  # cnn
+    depth: int = Field(16, ge=10)  # resnet: 6n + 4 (WRN-depth-width)
+    width: int = Field(4, ge=1)  # resnet
+    norm_groups: int = Field(8, ge=1)  # resnet: GroupNorm groups
 
     def target_options(self) -> dict[str, Any]:
         if self.kind == "mlp":
             return {"kind": "mlp", "hidden": list(self.hidden)}
+        if self.kind == "resnet":
+            return {"kind": "resnet", "depth": self.depth, "width": self.width, "norm_groups": self.norm_groups}
         return {"kind": "cnn", "channels": list(self.channels), "fc_hidden": self.fc_hidden}
 
 
@@ -158,6 +163,8 @@ def _check_semantics(study: Study, source: str) -> None:
         check_name(study.dataset.name)
     except ValueError as e:
         fail("dataset.name", str(e))
+    if study.model.kind == "resnet" and (study.model.depth - 4) % 6:
+        fail("model.depth", f"a resnet's depth is 6n + 4 (10, 16, 22, 28, ...), got {study.model.depth}")
     names = [a.name for a in study.arms]
     for i, arm in enumerate(study.arms):
         at = f"arms[{i}]"

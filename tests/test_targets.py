@@ -2,13 +2,14 @@
 import pytest
 import torch
 
-from methods.targets import MLP, SmallCNN, build_target
+from methods.targets import MLP, SmallCNN, WideResNet, build_target, rank1_shapes, rank1_weights
 
 NETS = {
     "mlp": lambda: MLP((1, 8, 8), (32, 16), 10),
     "mlp-tabular": lambda: MLP((13,), (50,), 1),
     "cnn-mnist": lambda: SmallCNN((1, 28, 28), 10),
     "cnn-rgb": lambda: SmallCNN((3, 16, 16), 10, channels=(8, 4), fc_hidden=6),
+    "resnet": lambda: WideResNet((3, 16, 16), 10, depth=10, width=1, norm_groups=4),
 }
 
 
@@ -52,6 +53,35 @@ def test_module_and_functional_agree_in_training_mode(kind):
     c = net.forward(w, x, dropout=rates, input_noise=0.3, training=True,
                     generator=torch.Generator().manual_seed(12))[0]
     assert not torch.allclose(a, c)  # and the randomness is real
+
+
+@pytest.mark.parametrize("kind", NETS)
+@pytest.mark.parametrize("per_sample_x", [False, True])
+def test_rank1_path_equals_built_weights(kind, per_sample_x):
+    """forward_rank1 (modulations applied to activations) == forward on the built weights."""
+    net = NETS[kind]()
+    S, B = 3, 4
+    g = torch.Generator().manual_seed(5)
+    base = net.init_weights(g)
+    rows = {n: 1 + 0.3 * torch.randn(S, r, generator=g) for n, (r, c) in rank1_shapes(net.spec).items()}
+    cols = {n: 1 + 0.3 * torch.randn(S, c, generator=g) for n, (r, c) in rank1_shapes(net.spec).items()}
+    x = torch.randn(S, B, *net.input_shape) if per_sample_x else torch.randn(B, *net.input_shape)
+    built = rank1_weights(net.spec, base, rows, cols)
+    first = net.spec.unflatten(built)[net.spec.names[0]]
+    assert torch.allclose(first[1], net.spec.unflatten(base[None])[net.spec.names[0]][0]
+                          * rows[net.spec.names[0]][1].reshape(-1, *(1,) * (first.dim() - 2))
+                          * cols[net.spec.names[0]][1].reshape(1, -1, *(1,) * (first.dim() - 3)))
+    assert torch.allclose(net.forward_rank1(base, rows, cols, x), net.forward(built, x), atol=1e-5)
+
+
+def test_resnet_shapes_and_init():
+    net = WideResNet((3, 32, 32), 10, depth=16, width=4)
+    assert net.spec.flat_size == 2748890  # WRN-16-4 without conv biases, GroupNorm affine included
+    w = net.spec.unflatten(net.init_weights(torch.Generator().manual_seed(0))[None])
+    assert torch.equal(w["blocks.0.norm1.weight"], torch.ones(1, 16)) and float(w["norm.bias"].abs().max()) == 0
+    assert "blocks.0.shortcut.weight" in w and "blocks.1.shortcut.weight" not in w
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet((3, 32, 32), 10, depth=20)
 
 
 def test_gradients_flow_through_weights():

@@ -14,6 +14,8 @@ CONFIGS = {
     "hyper-ml": {"hp": {"lr": 1e-3, "batch_size": 64, "samples_per_step": 16, "hyper_hidden": [16, 8]}},
     "hyper-diverse": {"hp": {"noise_batch": 8, "image_batch": 16, "latent_dim": 20, "extractor_hidden": [32],
                              "generator_hidden": [16], "batch_norm": 1}},
+    "hyper-posterior": {"hp": {"batch_size": 64, "latent_dim": 8, "hidden": 16, "sharing": "block-wise",
+                               "prior": "normal"}},
 }
 
 # Keys that differ between two runs of the same step (timings).

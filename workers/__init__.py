@@ -11,6 +11,7 @@ TRAINABLES: dict[str, str] = {
     "sgd": "workers.sgd_trainable:SGDTrainable",
     "hyper-ml": "workers.hypernet_trainable:HypernetTrainable",
     "hyper-diverse": "workers.hypernet_trainable:HypernetTrainable",
+    "hyper-posterior": "workers.hypernet_trainable:HypernetTrainable",
 }
 
 
