@@ -26,11 +26,13 @@ def _layers(target: TargetNet) -> list[tuple[str, str]]:
     return [(names[i], names[i + 1]) for i in range(0, len(names), 2)]
 
 
-def gauge_fix(target: TargetNet, weights: torch.Tensor, *, eps: float = GAUGE_EPS, return_scales: bool = False):
+def gauge_fix(target: TargetNet, weights: torch.Tensor, *, eps: float = GAUGE_EPS, return_scales: bool = False,
+              centre_logits: bool = True):
     """(S, P) -> (S, P) computing the same function, every hidden neuron at scale 1 and the
     logits' bias centred. With `return_scales`, also the scales (S, n) divided out per layer.
     `eps` guards the square root (the reference's 1e-8); with it, scales come out at
-    sqrt(m / (m + eps)) for a neuron of mean square m, i.e. 1 unless the neuron is tiny."""
+    sqrt(m / (m + eps)) for a neuron of mean square m, i.e. 1 unless the neuron is tiny.
+    `centre_logits=False` for regression outputs, which no softmax makes shift-invariant."""
     p = dict(target.spec.unflatten(weights))
     layers = _layers(target)
     S = weights.shape[0]
@@ -46,7 +48,8 @@ def gauge_fix(target: TargetNet, weights: torch.Tensor, *, eps: float = GAUGE_EP
         p[w_next] = (nxt.reshape(S, nxt.shape[1], out, -1) * s[:, None, :, None]).reshape(nxt.shape)
         scales.append(s)
     last_bias = layers[-1][1]
-    p[last_bias] = p[last_bias] - p[last_bias].mean(-1, keepdim=True)
+    if centre_logits:
+        p[last_bias] = p[last_bias] - p[last_bias].mean(-1, keepdim=True)
     fixed = target.spec.flatten(p)
     return (fixed, scales) if return_scales else fixed
 

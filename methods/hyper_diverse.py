@@ -140,7 +140,8 @@ class HyperDiverse(GenerativeMethod):
         out = self.target.forward(w, x.reshape(S, B // S, *x.shape[1:]))  # (S, B/S, out)
         loss = self.hp["lambda_"] * task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std)
         if S >= 2:
-            entropy = kozachenko_leonenko(gauge_fix(self.target, w), p=1, dim=self.hp["latent_dim"], constants=False)
+            fixed = gauge_fix(self.target, w, centre_logits=self.splits.task == "classification")
+            entropy = kozachenko_leonenko(fixed, p=1, dim=self.hp["latent_dim"], constants=False)
             self.last_entropy = float(entropy.detach())
             loss = loss - entropy
         return loss

@@ -113,5 +113,104 @@ def download(dataset: str, data_root: str) -> None:
     click.echo(f"{dataset}: files in {path}")
 
 
+def _print_rows(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=title)
+    for key in rows[0]:
+        t.add_column(str(key), justify="left" if key == "arm" else "right")
+    for row in rows:
+        t.add_row(*(str(v) for v in row.values()))
+    Console(width=160).print(t)
+
+
+def _tracker_for(uri: str | None, enabled: bool):
+    if not (enabled and uri):
+        return None
+    from orchestrator.tracking import Tracker
+    return Tracker(uri, None)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--members", "-k", type=int, required=True, help="K: weight samples of a generative method, or the K best trials of any other.")
+@click.option("--arm", help="Only this arm (default: every arm).")
+@click.option("--seed-index", type=int, help="Only this repetition (default: every one).")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the generator that draws the members.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default PATH/ensembles); must not hold an ensemble already.")
+@click.option("--distill/--no-distill", default=True, help="Also the Polyak averages (as `hypersweep distill`).")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the arm's MLflow run (default on).")
+@click.option("--address", help="Compute on this Ray cluster (default: in this process).")
+def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlflow, address) -> None:
+    """Ensembles from a study directory (every arm x seed) or one trial directory
+    (STUDY/tune/ARM-seedI/TRIAL): K members each, evaluated by mean prediction and majority
+    vote, written to ensemble.parquet.
+
+    \b
+    Example:
+      hypersweep ensemble studies/qs --members 16 --arm hyper-diverse
+    """
+    from orchestrator.ensembles import (Compute, EnsembleError, find_trials, groups, member_sources, run_ensemble,
+                                        table)
+    root = Path(path)
+    try:
+        todo = groups(find_trials(root), arm, seed_index)
+        for trials in todo.values():  # every group checked before anything is written
+            member_sources(trials, members)
+    except EnsembleError as e:
+        _bad_input(str(e))
+    single_trial = len(todo) == 1 and (root / "trial.json").is_file()
+    base = Path(out) if out else (root / "ensemble" if single_trial else root / "ensembles")
+    folders = {key: base if single_trial else base / f"{key[0]}-seed{key[1]}" for key in todo}
+    taken = [str(f) for f in folders.values() if (f / "ensemble.parquet").exists()]
+    if taken:
+        _bad_input(f"{taken[0]} already holds an ensemble; records are never overwritten, pass --out NEW_FOLDER")
+    if address:
+        from orchestrator.runner import init_ray
+        init_ray(address)
+    compute = Compute(use_ray=bool(address))
+    results = {}
+    for key, trials in todo.items():
+        try:
+            results[key] = run_ensemble(trials, members, folders[key], compute, sample_seed=sample_seed,
+                                        distill_too=distill, tracker=_tracker_for(trials[0].tracking_uri, use_mlflow))
+        except EnsembleError as e:
+            _bad_input(str(e))
+    _print_rows(table(results), f"ensembles of {members} (test split)")
+    click.echo(f"written: {base}")
+
+
+@main.command("distill")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the ensemble's folder).")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the source arm's MLflow run (default on).")
+def distill_command(path, out, use_mlflow) -> None:
+    """Polyak-average the members of an ensemble (ensemble.parquet, or its folder): raw weights
+    and, for the plain ReLU nets, gauge-fixed weights; evaluate and save them.
+
+    \b
+    Example:
+      hypersweep distill studies/qs/ensembles/hyper-diverse-seed0
+    """
+    from orchestrator.ensembles import Compute, EnsembleError, distill, headline, histogram, read_ensemble, record, table
+    try:
+        ens, meta = read_ensemble(Path(path))
+    except EnsembleError as e:
+        _bad_input(str(e))
+    folder = Path(out) if out else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not ens.metrics:
+        from workers.ensemble import evaluate_weights
+        ens.metrics = evaluate_weights(ens.config, ens.weights, ens.log_noise_std)
+    distilled = distill(ens, folder, Compute())
+    histogram(ens, distilled, folder / "members.png")
+    metrics = headline(ens, distilled)
+    tracker = _tracker_for(meta.get("tracking_uri"), use_mlflow)
+    if tracker is not None and meta.get("source_run"):
+        record(tracker, meta["source_run"], metrics, folder)
+    _print_rows(table({(meta.get("arm", "?"), meta.get("seed_index", 0)): metrics}), "Polyak-distilled (test split)")
+    click.echo(f"written: {folder}")
+
+
 if __name__ == "__main__":
     main()

@@ -66,6 +66,8 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
         "model": study.model.target_options(),
         "hp": {**unit.arm.params, **{k: tune_domain(v) for k, v in unit.arm.space.items()}},
         "seed": unit.seed,
+        # a fixed arm's num_samples: independent replicas (own init and noise seeds), e.g. a deep ensemble
+        "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if unit.arm.search == "fixed" else 0,
         "data_seed": unit.seed,
         "epochs_per_step": study.training.epochs_per_step,
         "device": study.training.device,
@@ -81,4 +83,5 @@ def searcher(unit: ArmSeed):
 
 
 def num_samples(unit: ArmSeed) -> int:
+    """Tune's num_samples: a fixed arm's replicas are a grid, which Tune runs once."""
     return 1 if unit.arm.search == "fixed" else unit.arm.num_samples

@@ -27,6 +27,7 @@ from ray import tune
 
 from methods.data import task_of
 from orchestrator.budget import Budget, Clock
+from orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
 from orchestrator.planning import ArmSeed, num_samples, plan, searcher, trial_config
 from orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from orchestrator.results import ResultsStore
@@ -190,7 +191,27 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
     failed = not recorder.rows or errors == status.trials_started
     status.status = "failed" if failed else "done"
     _record_arm_end(tracker, run_id, status, recorder.rows, errors)
+    trials = {Path(r.path).name: (Path(r.path), r.config) for r in grid if r.path}
+    write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
+                        seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)
+    if unit.arm.ensemble and not failed:
+        _arm_ensemble(study, study_dir, unit, run_id, tracker)
     tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+def _arm_ensemble(study: Study, study_dir: Path, unit: ArmSeed, run_id: str, tracker: Tracker) -> None:
+    """The arm's `ensemble:` request, after its budget (the time is recorded, not charged)."""
+    e = unit.arm.ensemble
+    t = time.monotonic()
+    try:
+        trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]
+        compute = Compute(use_ray=True, num_cpus=study.budget.cpus_per_worker, num_gpus=study.budget.gpus_per_worker)
+        run_ensemble(trials, e.members, study_dir / "ensembles" / f"{unit.arm.name}-seed{unit.seed_index}", compute,
+                     sample_seed=e.sample_seed, distill_too=e.distill == "polyak", tracker=tracker)
+    except Exception as err:  # the arm's training records stand; say what went wrong on its run
+        log.warning("ensemble of %s failed: %s", unit.key, err)
+        tracker.set_tags(run_id, {"ensemble_error": f"{type(err).__name__}: {err}"[:4000]})
+    tracker.log_metrics(run_id, {"ensemble_time_s": time.monotonic() - t}, step=0)
 
 
 def _record_arm_end(tracker: Tracker, run_id: str, status: ArmStatus, rows: list[dict], errors: int) -> None:

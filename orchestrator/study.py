@@ -48,13 +48,21 @@ class ModelConfig(_Frozen):
         return {"kind": "cnn", "channels": list(self.channels), "fc_hidden": self.fc_hidden}
 
 
+class EnsembleConfig(_Frozen):
+    members: int = Field(ge=2)  # samples of a generative method; best independent trials otherwise
+    distill: Literal["polyak", "none"] = "polyak"
+    sample_seed: int = 0  # the generator of a generative method's member samples
+
+
 class ArmConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: str
     search: str = "fixed"
     params: dict[str, Any] = {}  # fixed hyperparameter values
     space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
-    num_samples: int = Field(1, ge=1)  # trials for random search; repeats of the grid
+    # trials for random search; repeats of the grid; independent replicas of a fixed arm
+    num_samples: int = Field(1, ge=1)
+    ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
 
 
 class BudgetConfig(_Frozen):
@@ -185,10 +193,11 @@ def _check_semantics(study: Study, source: str) -> None:
         if arm.search == "fixed":
             if arm.space:
                 fail(f"{at}.space", "search 'fixed' takes no space; use search: random or grid")
-            if arm.num_samples != 1:
-                fail(f"{at}.num_samples", "search 'fixed' runs one trial")
         elif not arm.space:
             fail(f"{at}.space", f"search {arm.search!r} needs a space of hyperparameters to search")
+        if arm.ensemble and not _is_generative(arm.method) and arm.ensemble.members > arm.num_samples:
+            fail(f"{at}.ensemble.members", f"{arm.method!r} is not generative: an ensemble of {arm.ensemble.members} "
+                 f"takes the best of its trials, and num_samples is {arm.num_samples}")
         for key, domain in arm.space.items():
             where = f"{at}.space.{key}"
             if key not in declared:
@@ -196,6 +205,11 @@ def _check_semantics(study: Study, source: str) -> None:
             if key in arm.params:
                 fail(where, "also fixed in params; give it in one place")
             _check_domain(domain, declared[key], arm.search, lambda msg: fail(where, msg))
+
+
+def _is_generative(method: str) -> bool:
+    from methods import method_module
+    return hasattr(method_module(method).METHOD, "sample_weights")
 
 
 def _check_domain(domain: dict[str, list[Any]], hp, search: str, fail) -> None:

@@ -39,15 +39,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
+    def __init__(self, uri: str, experiment: str | None, flush_every_s: float = 2.0):
+        """`experiment` None: only for logging to runs that exist already (by id)."""
         from mlflow.tracking import MlflowClient
 
         # mlflow sets its loggers up when imported; quiet its INFO lines (table creation...) after that.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = None
+        if experiment is not None:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         self.flush_every_s = flush_every_s
         self._buffers: dict[str, list] = {}
         self._last_flush = time.monotonic()

@@ -37,7 +37,7 @@ BAD = [
     ("wrong type", _set(["budget", "seconds"], "ten"), "budget.seconds: Input should be a valid number"),
     ("budget zero", _set(["budget", "seconds"], 0), "budget.seconds: Input should be greater than 0"),
     ("budget negative", _set(["budget", "seconds"], -5), "budget.seconds"),
-    ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-ml, sgd"),
+    ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-ml, hyper-posterior, sgd"),
     ("unknown search", _set(["arms", 0, "search"], "bohb"), "arms[0].search: unknown search 'bohb'"),
     ("unknown dataset", _set(["dataset", "name"], "imagenet"), "dataset.name: unknown dataset 'imagenet'"),
     ("unknown hyperparameter", _set(["arms", 0, "space", "momentum2"], {"uniform": [0, 1]}),
@@ -47,6 +47,11 @@ BAD = [
     ("missing key", lambda raw: raw.pop("budget"), "budget: required key is missing"),
     ("fixed with space", _set(["arms", 0, "search"], "fixed"), "arms[0].space: search 'fixed' takes no space"),
     ("bad model kind", _set(["model", "kind"], "transformer"), "model.kind"),
+    ("resnet depth", lambda raw: raw["model"].update(kind="resnet", depth=20), "model.depth: a resnet's depth is 6n + 4"),
+    ("ensemble too big", _set(["arms", 0, "ensemble"], {"members": 5}),
+     "arms[0].ensemble.members: 'sgd' is not generative: an ensemble of 5 takes the best of its trials, and num_samples is 2"),
+    ("ensemble of one", _set(["arms", 0, "ensemble"], {"members": 1}), "arms[0].ensemble.members: Input should be greater than or equal to 2"),
+    ("distill kind", _set(["arms", 0, "ensemble"], {"members": 2, "distill": "kd"}), "arms[0].ensemble.distill"),
 ]
 
 

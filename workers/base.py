@@ -13,10 +13,11 @@ The config a trial receives (built by the coordinator, see orchestrator/planning
     model:   {kind, hidden, ...}
     hp:      the method's hyperparameters (searched ones sampled by Tune)
     seed, epochs_per_step, device ("auto": a GPU when Ray assigned one)
+    replica: independent repeat r of a fixed configuration (a deep ensemble's members)
 
-`build(config, splits, target, device)` returns the method object (by default the registered
-method's `METHOD` class; a family overrides it when it needs more), which has `train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`,
-and optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
+`build_method(config, device)` makes the registered method's `METHOD` object, which has
+`train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`, and
+optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ray import tune
 
 from methods import data as datasets
 from methods import method_module
+from methods.seeding import derived_seed
 from methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
@@ -58,21 +60,34 @@ def worker_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda") if on_gpu else torch.device("cpu")
 
 
+def trial_seed(config: dict[str, Any]) -> int:
+    """The seed of the method's initialisation and noise: the repetition's seed, or for replica
+    r > 0 of a fixed arm (independent runs of one configuration) a child seed of it."""
+    replica = int(config.get("replica", 0))
+    return config["seed"] if replica == 0 else derived_seed(config["seed"], replica)
+
+
+def build_target_for(config: dict[str, Any], splits: datasets.Splits):
+    m = config["model"]
+    return build_target(m["kind"], splits.input_shape, splits.n_outputs, **{k: v for k, v in m.items() if k != "kind"})
+
+
+def build_method(config: dict[str, Any], device: torch.device):
+    """(splits, target, method) of a trial config: what a Trainable trains and what ensemble
+    tasks restore from a checkpoint."""
+    splits = load_splits(config)
+    target = build_target_for(config, splits)
+    method = method_module(config["method"]).METHOD(target, splits, config["hp"], seed=trial_seed(config), device=device)
+    return splits, target, method
+
+
 class MethodTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any]) -> None:
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0  # wall time of earlier incarnations of this trial (restores)
-        self.splits = load_splits(config)
-        m = config["model"]
-        self.target = build_target(m["kind"], self.splits.input_shape, self.splits.n_outputs,
-                                   **{k: v for k, v in m.items() if k != "kind"})
         self.device = worker_device(config.get("device", "auto"))
-        self.method = self.build(config, self.splits, self.target, self.device)
+        self.splits, self.target, self.method = build_method(config, self.device)
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
-
-    def build(self, config, splits, target, device):
-        """The method object: the registered method's class, unless a family needs more."""
-        return method_module(config["method"]).METHOD(target, splits, config["hp"], seed=config["seed"], device=device)
 
     def step(self) -> dict[str, Any]:
         t = time.monotonic()

@@ -1,5 +1,6 @@
-"""Tune trainable for the generative hypernetwork methods (`hyper-ml`, `hyper-diverse`): the
-base lifecycle; each step also reports the method's diagnostics (`weight_std`, ...)."""
+"""Tune trainable for the generative hypernetwork methods (`hyper-ml`, `hyper-diverse`,
+`hyper-posterior`): the base lifecycle; each step also reports the method's diagnostics
+(`weight_std`, ...)."""
 from __future__ import annotations
 
 from workers.base import MethodTrainable
