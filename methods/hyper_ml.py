@@ -24,7 +24,7 @@ from torch import nn
 from methods.generative import GenerativeMethod
 from methods.hparams import HParam
 from methods.losses import task_loss
-from methods.targets import TargetNet, sample_dropout
+from methods.targets import MLP, TargetNet, sample_dropout
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
@@ -39,6 +39,7 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("noise_scale_init", 1.0, 1e-4, 100.0, doc="softplus scale of eps, learned"),
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
+        HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets: train without building the (S, P) weights"),
     ]
     return {hp.name: hp for hp in hps}
 
@@ -69,11 +70,38 @@ class HyperNet(nn.Module):
                 if layer.bias is not None:
                     layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
 
-    def forward(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def code(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The last hidden layer h (S, K); the weights are base + bound * (A h)."""
         h = F.softplus(self.noise_scale) * eps
         for layer in self.hidden:
             h = sample_dropout(torch.relu(layer(h)), self.dropout, self.training, generator)
-        return self.base + self.bound * self.out(h)
+        return h
+
+    def forward(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.base + self.bound * self.out(self.code(eps, generator))
+
+    def forward_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The MLP target with the weights of codes h (S, K) on x (S, n, ...), without building
+        the (S, P) weights. Per layer W_s = B + bound * reshape(A h_s), so
+        W_s x = B x + bound * A_W (x (x) h_s), with A_W viewed as (out, in * K): one GEMM on the
+        outer products of inputs and codes (B x in x K numbers) replaces S x P generated weights
+        and S matrix-vector products (shared notes: performance-notes.md)."""
+        S, K = h.shape
+        sizes = target.spec.sizes
+        # One split (its backward is one concatenation; slicing would zero-fill a P x K
+        # gradient per slice).
+        A, base, bounds = (torch.split(t, sizes) for t in (self.out.weight, self.base, self.bound))
+        z = x.reshape(S, x.shape[1], -1)
+        n_layers = len(target.dims) - 1
+        for i, (d_in, d_out) in enumerate(zip(target.dims[:-1], target.dims[1:])):
+            A_w, w0, A_b, b0 = A[2 * i], base[2 * i], A[2 * i + 1], base[2 * i + 1]
+            bound = bounds[2 * i][0]  # one init bound per layer (weights and bias)
+            outer = (z.unsqueeze(-1) * h[:, None, None, :]).reshape(S, z.shape[1], d_in * K)
+            y = z @ w0.reshape(d_out, d_in).T + bound * (outer @ A_w.reshape(d_out, d_in * K).T)
+            z = y + (b0 + bound * (h @ A_b.T)).unsqueeze(1)
+            if i < n_layers - 1:
+                z = torch.relu(z)
+        return z
 
 
 class HyperML(GenerativeMethod):
@@ -99,8 +127,13 @@ class HyperML(GenerativeMethod):
         B = len(x)
         S = math.gcd(self.hp["samples_per_step"] or B, B)  # S samples x B/S examples; exact for a short last batch
         x = x + F.softplus(self.input_noise) * torch.randn(x.shape, generator=self.noise_gen, device=self.device)
-        w = self.sample_weights(S, self.noise_gen, training=True)  # (S, P)
-        out = self.target.forward(w, x.reshape(S, B // S, *x.shape[1:]))  # (S, B/S, out)
+        x = x.reshape(S, B // S, *x.shape[1:])
+        if isinstance(self.target, MLP) and self.hp["factorised"]:
+            self.hypernet.train(True)
+            eps = torch.randn(S, self.hp["noise_dim"], generator=self.noise_gen, device=self.device)
+            out = self.hypernet.forward_mlp(self.target, self.hypernet.code(eps, self.noise_gen), x)
+        else:
+            out = self.target.forward(self.sample_weights(S, self.noise_gen, training=True), x)  # (S, B/S, out)
         return task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """`hyper-ml` (Sheikh et al. 2017): generator batched == looped, one sample per example, learns."""
+import pytest
 import torch
 
 from methods import data
@@ -37,17 +38,18 @@ def test_initial_population_is_a_spread_of_default_inits():
 
 
 def test_one_weight_sample_per_example():
-    m = _method(batch_size=32)
-    seen = []
-    original = m.target.forward
-    m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
-    m.train_epoch()
-    assert seen[0] == (32, (32, 1))  # S = B samples, each applied to its own example
-    m = _method(batch_size=32, samples_per_step=8)
-    seen.clear()
-    m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
-    m.train_epoch()
-    assert seen[0] == (8, (8, 4))
+    for factorised in (0, 1):
+        for samples, expected in ((0, (32, (32, 1))), (8, (8, (8, 4)))):
+            m = _method(batch_size=32, samples_per_step=samples, factorised=factorised)
+            seen = []
+            if factorised:
+                original = m.hypernet.forward_mlp
+                m.hypernet.forward_mlp = lambda t, h, x: (seen.append((h.shape[0], x.shape[:2])), original(t, h, x))[1]
+            else:
+                original = m.target.forward
+                m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
+            m.train_epoch()
+            assert seen[0] == expected  # S samples, each applied to its own B/S examples
 
 
 def test_learns_digits_and_input_noise_is_learned():
@@ -59,3 +61,16 @@ def test_learns_digits_and_input_noise_is_learned():
     val = m.evaluate("val")
     assert val["error"] < 0.08
     assert m.diagnostics()["input_noise"] != start_noise
+
+
+def test_factorised_training_path_equals_built_weights():
+    """The MLP path without (S, P) weights gives the same loss and gradients."""
+    grads = {}
+    for factorised in (0, 1):
+        m = _method(hidden=(16, 12), batch_size=8, factorised=factorised)
+        x, y = m.data["train"][0][:8], m.data["train"][1][:8]
+        loss = m.train_batch(x, y)
+        loss.backward()
+        grads[factorised] = (float(loss), m.hypernet.out.weight.grad.clone(), m.hypernet.base.grad.clone())
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-7) and torch.allclose(grads[0][2], grads[1][2], atol=1e-7)
