@@ -173,7 +173,7 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
                                trial_dirname_creator=lambda t: t.trial_id),
         run_config=RunConfig(
             name=f"{unit.arm.name}-seed{unit.seed_index}", storage_path=str((study_dir / "tune").resolve()),
-            stop=BudgetStopper(budget, study.training.max_epochs // study.training.epochs_per_step or 1),
+            stop=BudgetStopper(budget, (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1),
             callbacks=[recorder], verbose=0,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_frequency=study.training.checkpoint_every,
                                                checkpoint_at_end=True),

@@ -63,6 +63,7 @@ class ArmConfig(_Frozen):
     # trials for random search; repeats of the grid; independent replicas of a fixed arm
     num_samples: int = Field(1, ge=1)
     ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
+    max_epochs: int | None = Field(None, ge=1)  # per trial; default training.max_epochs
 
 
 class BudgetConfig(_Frozen):
