@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
+from methods.augment import crop_flip
 from methods.data import Splits
 from methods.hparams import HParam, resolve
 from methods.losses import metrics, task_loss
@@ -31,6 +32,7 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("input_noise", 0.0, 0.0, 10.0, doc="std of Gaussian noise added to standardised inputs"),
         HParam("dropout_in", 0.0, 0.0, 0.95, doc="input dropout"),
         HParam("dropout", 0.0, 0.0, 0.95, doc="dropout after every hidden layer (dropout_<k> overrides layer k)"),
+        HParam("augment", 0, 0, 1, kind=int, doc="1: random crop (pad 4) and horizontal flip, images only"),
     ]
     hps += [HParam(f"dropout_{k}", None, 0.0, 0.95) for k in range(1, n_dropout_sites)]
     return {hp.name: hp for hp in hps}
@@ -50,6 +52,8 @@ class SGD:
                  device: str | torch.device = "cpu"):
         self.target, self.splits, self.device = target, splits, torch.device(device)
         self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
+        if self.hp["augment"] and len(splits.input_shape) != 3:
+            raise ValueError("hyperparameter 'augment': crop and flip need image inputs")
         self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # dropout, input noise
         self.module = target.module().to(self.device)
@@ -75,7 +79,8 @@ class SGD:
         perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
         total = torch.zeros((), device=self.device)
         for idx in perm.split(self.hp["batch_size"]):
-            loss = self.loss(self.module(x[idx]), y[idx])
+            xb = crop_flip(x[idx], self.noise_gen) if self.hp["augment"] else x[idx]
+            loss = self.loss(self.module(xb), y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
