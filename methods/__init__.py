@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "hyper-ml": "methods.hyper_ml",
     "hyper-diverse": "methods.hyper_diverse",
     "hyper-posterior": "methods.hyper_posterior",
+    "stn": "methods.stn",
 }
 
 

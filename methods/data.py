@@ -48,6 +48,20 @@ class Splits:
     # Row numbers in the source: the training pool for train/val (and test when the set has no
     # test split of its own), the source's test set otherwise. Provenance, and checks of disjointness.
     indices: dict[str, np.ndarray] | None = None
+    # Images: per-channel statistics (C,) and the raw full intensity (255, or 16 for digits), so
+    # augmentations defined on [0, 1] pixels can undo and redo the standardisation.
+    x_mean: torch.Tensor | None = None
+    x_std: torch.Tensor | None = None
+    x_scale: float = 1.0
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised images (B, C, H, W) -> pixels in [0, 1]."""
+        c = (1, -1, 1, 1)
+        return (x * self.x_std.to(x).reshape(c) + self.x_mean.to(x).reshape(c)) / self.x_scale
+
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        c = (1, -1, 1, 1)
+        return (x * self.x_scale - self.x_mean.to(x).reshape(c)) / self.x_std.to(x).reshape(c)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -112,7 +126,11 @@ def _standardise(name, raw: _Raw, x_tr, y_tr, x_va, y_va, x_te, y_te) -> Splits:
     xs = [torch.from_numpy((a - mean) / std) for a in (x_tr, x_va, x_te)]
     if raw.task == "classification":
         ys = [torch.from_numpy(a.astype(np.int64)) for a in (y_tr, y_va, y_te)]
-        return Splits(name, "classification", raw.n_classes, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
+        image = {}
+        if x_tr.ndim == 4:
+            image = {"x_mean": torch.from_numpy(mean.reshape(-1)), "x_std": torch.from_numpy(std.reshape(-1)),
+                     "x_scale": 255.0 if float(x_tr.max()) > 16 else 16.0}
+        return Splits(name, "classification", raw.n_classes, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], **image)
     y_mean, y_std = float(y_tr.mean()), float(y_tr.std()) or 1.0
     ys = [torch.from_numpy(((a - y_mean) / y_std).astype(np.float32)) for a in (y_tr, y_va, y_te)]
     return Splits(name, "regression", 1, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], y_mean, y_std)

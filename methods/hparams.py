@@ -18,11 +18,19 @@ class HParam:
     high: float = math.inf
     kind: type = float
     doc: str = ""
+    choices: tuple[str, ...] = ()  # str only: the valid values
+    multi: bool = False  # str only: a comma-separated list of choices
 
     def check(self, value: Any) -> str | None:
         """None when `value` is valid, else what is wrong."""
         if self.kind is str:
-            return None if isinstance(value, str) else f"expected a string, got {value!r}"
+            if not isinstance(value, str):
+                return f"expected a string, got {value!r}"
+            parts = [p.strip() for p in value.split(",")] if self.multi else [value]
+            bad = [p for p in parts if self.choices and p not in self.choices]
+            if bad or not all(parts):
+                return f"{(bad or [''])[0]!r} is not one of {', '.join(self.choices)}"
+            return None
         if self.kind is list:
             if not isinstance(value, list) or not value or not all(
                     isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high for v in value):

@@ -38,7 +38,7 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("noise_batch", 32, 2, 4096, kind=int, doc="weight samples per step (>= 2 for the entropy)"),
         HParam("image_batch", 32, 1, 1 << 16, kind=int, doc="distinct examples per weight sample"),
         HParam("latent_dim", 300, 1, 1 << 14, kind=int),
-        HParam("latent", "uniform", kind=str, doc="uniform (U[-1,1]) or normal"),
+        HParam("latent", "uniform", kind=str, doc="uniform (U[-1,1]) or normal", choices=("uniform", "normal")),
         HParam("code_dim", 15, 1, 1 << 12, kind=int),
         HParam("extractor_hidden", [300], 1, 1 << 16, kind=list),
         HParam("generator_hidden", [100, 100], 1, 1 << 16, kind=list),

@@ -498,23 +498,100 @@ class _WideResNetModule(nn.Module):
         return self.fc(torch.relu(self.norm(h)).mean((2, 3)))
 
 
-TARGETS = {"mlp": MLP, "cnn": SmallCNN, "resnet": WideResNet}
+class AlexNet(TargetNet):
+    """The AlexNet-style CIFAR net of the STN experiments (MacKay et al. 2019): conv 5x5/2 (64) -
+    pool - conv 5x5 (192) - pool - conv 3x3 (384, 256, 256) - pool - fc 4096 - fc 4096 - out,
+    ReLU; 32x32 inputs give 1024 features before the first fc (23M weights: a GPU target).
+    Dropout sites: 0 the input, 1-5 after each conv block, 6-7 after each hidden fc.
+
+    The functional face evaluates S weight vectors with torch.func.functional_call + vmap over
+    the module (no dropout or input noise there; the generative methods use the MLP, the small
+    CNN or the resnet)."""
+
+    CONV = ((64, 5, 2, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))  # out, k, stride, pad
+    POOL_AFTER = (0, 1, 4)
+
+    def __init__(self, input_shape: Sequence[int], n_outputs: int, fc_hidden: int = 4096):
+        self.input_shape, self.n_outputs, self.fc_hidden = tuple(input_shape), n_outputs, fc_hidden
+        C, H, W = self.input_shape
+        names, shapes = [], []
+        for i, (out, k, stride, pad) in enumerate(self.CONV):
+            names += [f"convs.{i}.weight", f"convs.{i}.bias"]
+            shapes += [(out, C, k, k), (out,)]
+            C = out
+            H, W = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+            if i in self.POOL_AFTER:
+                H, W = max(H // 2, 1), max(W // 2, 1)
+        self.flat_features = C * H * W
+        dims = (self.flat_features, fc_hidden, fc_hidden, n_outputs)
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            names += [f"fcs.{i}.weight", f"fcs.{i}.bias"]
+            shapes += [(b, a), (b,)]
+        self.spec = ParamSpec(tuple(names), tuple(shapes))
+        self.n_dropout_sites = 8
+        self._functional_module = None
+
+    def module(self) -> nn.Module:
+        return _AlexNetModule(self)
+
+    def forward(self, weights, x, *, dropout=None, input_noise=0.0, training=False, generator=None):
+        if training and (input_noise > 0 or (dropout is not None and any(dropout))):
+            raise NotImplementedError("the alexnet target's functional face has no dropout or input noise")
+        from torch.func import functional_call, vmap
+        if self._functional_module is None:
+            self._functional_module = self.module().eval()
+        module = self._functional_module
+        params = self.spec.unflatten(weights)
+        per_sample = x.dim() == len(self.input_shape) + 2
+        return vmap(lambda p, xb: functional_call(module, p, (xb,)), in_dims=(0, 0 if per_sample else None))(params, x)
+
+
+class _AlexNetModule(nn.Module):
+    def __init__(self, net: AlexNet):
+        super().__init__()
+        C = net.input_shape[0]
+        self.convs = nn.ModuleList()
+        for out, k, stride, pad in net.CONV:
+            self.convs.append(nn.Conv2d(C, out, k, stride, pad))
+            C = out
+        dims = (net.flat_features, net.fc_hidden, net.fc_hidden, net.n_outputs)
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.pool_after = net.POOL_AFTER
+        self.reg = Regularisation(net.n_dropout_sites)
+
+    def forward(self, x):
+        h = self.reg.drop(self.reg.noise(x), 0)
+        for i, conv in enumerate(self.convs):
+            h = torch.relu(conv(h))
+            if i in self.pool_after:
+                h = F.max_pool2d(h, 2) if min(h.shape[-2:]) >= 2 else h
+            h = self.reg.drop(h, i + 1)
+        h = h.flatten(1)
+        for i, fc in enumerate(self.fcs):
+            h = fc(h)
+            if i < len(self.fcs) - 1:
+                h = self.reg.drop(torch.relu(h), 6 + i)
+        return h
+
+
+TARGETS = {"mlp": MLP, "cnn": SmallCNN, "resnet": WideResNet, "alexnet": AlexNet}
 
 
 def n_dropout_sites(kind: str, hidden: Sequence[int] = ()) -> int:
     """Dropout sites of a target before it is built (input + one per hidden layer; the resnet:
     input + inside the blocks)."""
-    return {"mlp": 1 + len(hidden), "cnn": 4, "resnet": 2}[kind]
+    return {"mlp": 1 + len(hidden), "cnn": 4, "resnet": 2, "alexnet": 8}[kind]
 
 
 def build_target(kind: str, input_shape: Sequence[int], n_outputs: int, **options) -> TargetNet:
     """`kind` from TARGETS; options: `hidden` for the MLP, `channels`/`fc_hidden`/`kernel_size`
-    for the CNN, `depth`/`width`/`norm_groups` for the resnet."""
+    for the CNN, `depth`/`width`/`norm_groups` for the resnet, `fc_hidden` for the alexnet."""
     if kind not in TARGETS:
         raise ValueError(f"unknown model {kind!r}; valid: {', '.join(sorted(TARGETS))}")
     if kind == "mlp":
         return MLP(input_shape, options.get("hidden", (400, 400)), n_outputs)
     if len(input_shape) != 3:
         raise ValueError(f"model {kind!r} needs image inputs (C, H, W), got shape {tuple(input_shape)}")
-    allowed = {"cnn": ("channels", "fc_hidden", "kernel_size"), "resnet": ("depth", "width", "norm_groups")}[kind]
+    allowed = {"cnn": ("channels", "fc_hidden", "kernel_size"), "resnet": ("depth", "width", "norm_groups"),
+               "alexnet": ("fc_hidden",)}[kind]
     return TARGETS[kind](input_shape, n_outputs, **{k: v for k, v in options.items() if k in allowed})

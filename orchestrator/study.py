@@ -32,10 +32,10 @@ class DatasetConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    kind: Literal["mlp", "cnn", "resnet"] = "mlp"
+    kind: Literal["mlp", "cnn", "resnet", "alexnet"] = "mlp"
     hidden: list[int] = [400, 400]  # mlp
     channels: list[int] = [32, 16]  # cnn
-    fc_hidden: int = Field(8, ge=1)  # cnn
+    fc_hidden: int | None = Field(None, ge=1)  # cnn (default 8), alexnet (default 4096)
     depth: int = Field(16, ge=10)  # resnet: 6n + 4 (WRN-depth-width)
     width: int = Field(4, ge=1)  # resnet
     norm_groups: int = Field(8, ge=1)  # resnet: GroupNorm groups
@@ -45,7 +45,9 @@ class ModelConfig(_Frozen):
             return {"kind": "mlp", "hidden": list(self.hidden)}
         if self.kind == "resnet":
             return {"kind": "resnet", "depth": self.depth, "width": self.width, "norm_groups": self.norm_groups}
-        return {"kind": "cnn", "channels": list(self.channels), "fc_hidden": self.fc_hidden}
+        if self.kind == "alexnet":
+            return {"kind": "alexnet", "fc_hidden": self.fc_hidden or 4096}
+        return {"kind": "cnn", "channels": list(self.channels), "fc_hidden": self.fc_hidden or 8}
 
 
 class EnsembleConfig(_Frozen):

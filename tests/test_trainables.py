@@ -16,6 +16,7 @@ CONFIGS = {
                              "generator_hidden": [16], "batch_norm": 1}},
     "hyper-posterior": {"hp": {"batch_size": 64, "latent_dim": 8, "hidden": 16, "sharing": "block-wise",
                                "prior": "normal"}},
+    "stn": {"hp": {"batch_size": 64, "warmup_epochs": 0, "tune": "dropout,input_noise"}},
 }
 
 # Keys that differ between two runs of the same step (timings).

@@ -12,6 +12,7 @@ TRAINABLES: dict[str, str] = {
     "hyper-ml": "workers.hypernet_trainable:HypernetTrainable",
     "hyper-diverse": "workers.hypernet_trainable:HypernetTrainable",
     "hyper-posterior": "workers.hypernet_trainable:HypernetTrainable",
+    "stn": "workers.stn_trainable:STNTrainable",
 }
 
 

@@ -1,0 +1,271 @@
+"""`stn`: Self-Tuning Networks (MacKay et al. 2019), and Delta-STN (Bae & Grosse 2020) as the
+`variant: delta-stn` option.
+
+The net's layers are best-response layers (methods/stn_layers.py) whose hyper path sees the
+hyperparameters lambda. Tuned (the `tune` groups):
+    dropout      input dropout and dropout at every site of the target, [0, 0.95]
+    input_noise  std of Gaussian noise on the standardised inputs, [0, inf) (softplus)
+    jitter       brightness, contrast, saturation [0, 1] and hue [0, 0.5] (the last two RGB only)
+    cutout       cutout length [0, min(H, W) + 1) and holes [0, 5), discrete
+Each is stored unconstrained (`u`) and perturbed per example, lambda~ = u + softplus(s) * eps.
+Every training example gets its own lambda~, hence its own dropout mask rates, noise,
+jitter factors and cutout (vectorised over the batch); the rates are detached, so the
+hypergradient is the response gradient through the hyper path, as in the reference code.
+
+Training (`train_epoch`, one pass over the training data):
+- warm-up (`warmup_epochs`): training steps only, lambda not updated;
+- then alternate `train_steps` training steps (elementary and hyper-path weights, SGD with
+  momentum, perturbed lambda, regularised) and `val_steps` validation steps (Adam on u and,
+  with `tune_scales`, on s; no dropout or augmentation; loss = val loss - tau * entropy of the
+  perturbation, entropy = sum log(softplus(s) sqrt(2 pi e))).
+Delta-STN: the hypernet input is centred, lambda~ - stopgrad(u); the bottleneck starts at
+zero; a training step updates the general (elementary) weights on the unperturbed lambda and
+then the response (hyper-path) weights on the perturbed one.
+
+Reports `hp/<name>` (the current value of u in range) and `hp_scale/<name>` every step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from methods.augment import color_jitter, cutout
+from methods.data import Splits
+from methods.hparams import HParam, resolve
+from methods.losses import metrics, task_loss
+from methods.stn_layers import build_stn_net
+from methods.targets import TargetNet
+from methods.tuned import Space, Tuned
+
+GROUPS = ("dropout", "input_noise", "jitter", "cutout")
+VARIANTS = ("stn", "delta-stn")
+DROPOUT_MAX = 0.95
+
+
+def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
+    hps = [
+        HParam("lr", 0.01, 1e-8, 10.0, doc="SGD learning rate of the elementary and hyper-path weights"),
+        HParam("momentum", 0.9, 0.0, 0.999),
+        HParam("weight_decay", 0.0, 0.0, 1.0),
+        HParam("hyper_lr", 3e-3, 1e-8, 10.0, doc="Adam learning rate of the hyperparameters"),
+        HParam("scale_lr", 3e-3, 1e-8, 10.0, doc="Adam learning rate of the perturbation scales"),
+        HParam("batch_size", 128, 1, 1 << 20, kind=int),
+        HParam("warmup_epochs", 5, 0, 1 << 20, kind=int),
+        HParam("train_steps", 2, 1, 1 << 10, kind=int, doc="T_train"),
+        HParam("val_steps", 1, 1, 1 << 10, kind=int, doc="T_val"),
+        HParam("entropy_weight", 1e-3, 0.0, 1e3, doc="tau"),
+        HParam("perturb_scale", 0.5, 1e-4, 100.0, doc="initial softplus(s)"),
+        HParam("tune_scales", 1, 0, 1, kind=int),
+        HParam("variant", "stn", kind=str, doc="stn or delta-stn", choices=VARIANTS),
+        HParam("tune", "dropout,input_noise", kind=str, doc="comma-separated groups", choices=GROUPS, multi=True),
+        HParam("init_dropout", 0.05, 1e-4, DROPOUT_MAX - 1e-4),
+        HParam("init_input_noise", 0.05, 1e-4, 100.0),
+        HParam("init_jitter", 0.05, 1e-4, 0.49),
+        HParam("init_cutout_length", 4.0, 0.5, 1e4),
+        HParam("init_cutout_holes", 1.0, 0.5, 4.5),
+    ]
+    return {hp.name: hp for hp in hps}
+
+
+def dropout_names(n_sites: int) -> list[str]:
+    return ["dropout_in"] + [f"dropout_{k}" for k in range(1, n_sites)]
+
+
+def build_space(hp: Mapping[str, Any], n_sites: int, input_shape: tuple[int, ...]) -> Space:
+    groups = [g.strip() for g in hp["tune"].split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise ValueError(f"hyperparameter 'tune': unknown group {unknown[0] if unknown else ''!r}; "
+                         f"valid: {', '.join(GROUPS)}")
+    image = len(input_shape) == 3
+    for g in ("jitter", "cutout"):
+        if g in groups and not image:
+            raise ValueError(f"hyperparameter 'tune': {g} needs image inputs")
+    tuned = []
+    if "dropout" in groups:
+        tuned += [Tuned(n, 0.0, DROPOUT_MAX, hp["init_dropout"]) for n in dropout_names(n_sites)]
+    if "input_noise" in groups:
+        tuned.append(Tuned("input_noise", 0.0, math.inf, hp["init_input_noise"]))
+    if "jitter" in groups:
+        tuned += [Tuned("brightness", 0.0, 1.0, hp["init_jitter"]), Tuned("contrast", 0.0, 1.0, hp["init_jitter"])]
+        if input_shape[0] == 3:
+            tuned += [Tuned("saturation", 0.0, 1.0, hp["init_jitter"]), Tuned("hue", 0.0, 0.5, hp["init_jitter"])]
+    if "cutout" in groups:
+        side = min(input_shape[1:])
+        tuned += [Tuned("cutout_length", 0.0, side + 1.0, hp["init_cutout_length"], discrete=True),
+                  Tuned("cutout_holes", 0.0, 5.0, hp["init_cutout_holes"], discrete=True)]
+    return Space(tuned)
+
+
+def inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class STN:
+    def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
+                 device: str | torch.device = "cpu"):
+        self.target, self.splits, self.device = target, splits, torch.device(device)
+        self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
+        if self.hp["variant"] not in VARIANTS:
+            raise ValueError(f"hyperparameter 'variant': expected one of {', '.join(VARIANTS)}, got {self.hp['variant']!r}")
+        self.delta = self.hp["variant"] == "delta-stn"
+        self.space = build_space(self.hp, target.n_dropout_sites, splits.input_shape)
+        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # perturbations, masks, augmentation
+        H = len(self.space)
+        self.net = build_stn_net(target, H, zero_bottleneck=self.delta, generator=self.data_gen).to(self.device)
+        self.u = self.space.initial().to(self.device).requires_grad_()
+        self.s = torch.full((H,), inv_softplus(self.hp["perturb_scale"]), device=self.device, requires_grad=True)
+        self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
+        general = self.net.general() + ([self.log_noise_std] if splits.task == "regression" else [])
+        sgd = dict(lr=self.hp["lr"], momentum=self.hp["momentum"], weight_decay=self.hp["weight_decay"])
+        if self.delta:
+            self.optimizers = {"general": torch.optim.SGD(general, **sgd),
+                               "response": torch.optim.SGD(self.net.response(), **sgd)}
+        else:
+            self.optimizers = {"train": torch.optim.SGD(general + self.net.response(), **sgd)}
+        self.optimizers["hyper"] = torch.optim.Adam([self.u], lr=self.hp["hyper_lr"])
+        self.optimizers["scale"] = torch.optim.Adam([self.s], lr=self.hp["scale_lr"])
+        self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
+        self.drop_cols = [self.space.index[n] for n in dropout_names(target.n_dropout_sites) if n in self.space.index]
+        self.epoch, self.steps, self.val_cursor = 0, 0, 0
+        self.val_perm = torch.randperm(len(self.data["val"][0]), generator=self.data_gen)
+
+    # --- hyperparameters -----------------------------------------------------------------
+    def values(self) -> torch.Tensor:
+        return self.space.project(self.u.detach())
+
+    def perturbed(self, B: int) -> torch.Tensor:
+        eps = torch.randn(B, len(self.space), generator=self.noise_gen, device=self.device)
+        return self.u + F.softplus(self.s) * eps
+
+    def net_input(self, lam: torch.Tensor) -> torch.Tensor:
+        """What the hyper path sees: lambda~ (STN) or lambda~ - stopgrad(u) (Delta-STN)."""
+        return lam - self.u.detach() if self.delta else lam
+
+    def entropy(self) -> torch.Tensor:
+        return torch.log(F.softplus(self.s) * math.sqrt(2 * math.pi * math.e)).sum()
+
+    # --- one step --------------------------------------------------------------------------
+    def regularise(self, x: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-example augmentation and input noise of x (standardised), and the dropout rates
+        (B, n_sites) or None; `values` (B, H) detached, in range."""
+        v = self.space.pipeline(values)
+        col = (lambda name: self.space.column(v, name))
+        if col("brightness") is not None:
+            jittered = color_jitter(self.splits.to_unit(x), col("brightness"), col("contrast"), col("saturation"),
+                                    col("hue"), self.noise_gen)
+            x = self.splits.from_unit(jittered)
+        if col("cutout_length") is not None:
+            x = cutout(x, col("cutout_length"), col("cutout_holes"), self.noise_gen)
+        noise = col("input_noise")
+        if noise is not None:
+            x = x + noise.reshape(-1, *(1,) * (x.dim() - 1)) * torch.randn(x.shape, generator=self.noise_gen,
+                                                                          device=self.device)
+        if not self.drop_cols:
+            return x, None
+        rates = torch.zeros(x.shape[0], self.net.n_sites, device=self.device)
+        names = dropout_names(self.net.n_sites)
+        for site, name in enumerate(names):
+            if name in self.space.index:
+                rates[:, site] = v[:, self.space.index[name]]
+        return x, rates
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return task_loss(out, y, self.splits.task, self.log_noise_std)
+
+    def _train_forward(self, x, y, lam) -> torch.Tensor:
+        xr, rates = self.regularise(x, self.space.project(lam.detach()))
+        self.net.train()
+        return self._loss(self.net(xr, self.net_input(lam), rates, True, self.noise_gen), y)
+
+    def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name in names:
+            self.optimizers[name].step()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        B = len(x)
+        if self.delta:
+            clean = self.u.expand(B, -1)  # zero hypernet input, carrying gradient
+            self._step(("general",), self._train_forward(x, y, clean))
+            loss = self._train_forward(x, y, self.perturbed(B))
+            self._step(("response",), loss)
+        else:
+            loss = self._train_forward(x, y, self.perturbed(B))
+            self._step(("train",), loss)
+        return float(loss.detach())
+
+    def val_step(self) -> float:
+        xv, yv = self.data["val"]
+        B = min(self.hp["batch_size"], len(xv))
+        if self.val_cursor + B > len(xv):
+            self.val_perm = torch.randperm(len(xv), generator=self.data_gen)
+            self.val_cursor = 0
+        idx = self.val_perm[self.val_cursor:self.val_cursor + B].to(self.device)
+        self.val_cursor += B
+        lam = self.perturbed(B) if self.hp["tune_scales"] else self.u.expand(B, -1)
+        self.net.eval()  # no dropout, no augmentation: the response gradient only
+        loss = self._loss(self.net(xv[idx], self.net_input(lam)), yv[idx]) - self.hp["entropy_weight"] * self.entropy()
+        self._step(("hyper", "scale") if self.hp["tune_scales"] else ("hyper",), loss)
+        return float(loss.detach())
+
+    def train_epoch(self) -> float:
+        x, y = self.data["train"]
+        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
+        warm = self.epoch < self.hp["warmup_epochs"]
+        total = 0.0
+        for idx in perm.split(self.hp["batch_size"]):
+            total += self.train_step(x[idx], y[idx]) * len(idx)
+            self.steps += 1
+            if not warm and self.steps % self.hp["train_steps"] == 0:
+                for _ in range(self.hp["val_steps"]):
+                    self.val_step()
+        self.epoch += 1
+        return total / len(x)
+
+    # --- evaluation and records ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, chunk: int = 4096) -> dict[str, float]:
+        """With the current lambda (unperturbed) and no regularisation."""
+        x, y = self.data[split]
+        self.net.eval()
+        outs = []
+        for xc in x.split(chunk):
+            h = self.net_input(self.u.expand(len(xc), -1))
+            outs.append(self.net(xc, h))
+        return metrics(torch.cat(outs), y, self.splits, self.log_noise_std)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        values, scales = self.values(), F.softplus(self.s)
+        out = {f"hp/{n}": float(v) for n, v in zip(self.space.names, values)}
+        out.update({f"hp_scale/{n}": float(v) for n, v in zip(self.space.names, scales)})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "u": self.u.detach().clone(), "s": self.s.detach().clone(),
+                "log_noise_std": self.log_noise_std.detach().clone(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "epoch": self.epoch, "steps": self.steps, "val_cursor": self.val_cursor, "val_perm": self.val_perm,
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        with torch.no_grad():
+            for name in ("u", "s", "log_noise_std"):
+                getattr(self, name).copy_(state[name])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.epoch, self.steps, self.val_cursor = int(state["epoch"]), int(state["steps"]), int(state["val_cursor"])
+        self.val_perm = state["val_perm"].clone()
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+
+METHOD = STN
