@@ -112,7 +112,7 @@ def test_init_is_pytorch_default_scale_and_seeded():
 
 
 def test_build_target_errors():
-    with pytest.raises(ValueError, match="unknown model 'rnn'; valid: cnn, mlp"):
+    with pytest.raises(ValueError, match="unknown model .rnn.; valid: alexnet, cnn, mlp, resnet"):
         build_target("rnn", (10,), 2)
     with pytest.raises(ValueError, match="needs image inputs"):
         build_target("cnn", (10,), 2)
