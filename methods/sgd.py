@@ -12,7 +12,7 @@ next step.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -49,7 +49,9 @@ def dropout_rates(hp: Mapping[str, Any], n_dropout_sites: int) -> list[float]:
 
 class SGD:
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", schedule: Sequence[Sequence[Any]] | None = None):
+        """`schedule`: [[epoch, {dropout_in | dropout_<k> | input_noise: value}], ...], e.g. one
+        an STN learned; from each listed epoch on, those values replace the fixed ones."""
         self.target, self.splits, self.device = target, splits, torch.device(device)
         self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
         if self.hp["augment"] and len(splits.input_shape) != 3:
@@ -68,6 +70,36 @@ class SGD:
                                          weight_decay=self.hp["weight_decay"])
         self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
         self.epoch = 0
+        self.schedule = sorted(([int(e), dict(v)] for e, v in schedule), key=lambda item: item[0]) if schedule else []
+        names = {"dropout_in", "input_noise", *(f"dropout_{k}" for k in range(1, target.n_dropout_sites))}
+        for _, values in self.schedule:
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"schedule: {unknown[0]!r} is not a dropout or input-noise setting of this model")
+
+    def _apply_schedule(self) -> None:
+        """The latest schedule entry at or before this epoch sets dropout and input noise."""
+        current = [values for epoch, values in self.schedule if epoch <= self.epoch]
+        if not current:
+            return
+        values = current[-1]
+        reg = self.module.reg
+        rates = list(reg.dropout)
+        for name, value in values.items():
+            if name == "input_noise":
+                reg.input_noise = float(value)
+            else:
+                rates[0 if name == "dropout_in" else int(name.split("_")[1])] = float(value)
+        reg.dropout = rates
+
+    def diagnostics(self) -> dict[str, float]:
+        """With a schedule: the values in use (`hp/<name>`), comparable with the STN's reports."""
+        if not self.schedule:
+            return {}
+        reg = self.module.reg
+        out = {"hp/input_noise": reg.input_noise} if any("input_noise" in v for _, v in self.schedule) else {}
+        out.update({"hp/dropout_in" if k == 0 else f"hp/dropout_{k}": r for k, r in enumerate(reg.dropout)})
+        return out
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task_loss(out, y, self.splits.task, self.log_noise_std)
@@ -75,6 +107,7 @@ class SGD:
     def train_epoch(self) -> float:
         """One pass over the training split; returns the mean training loss."""
         x, y = self.data["train"]
+        self._apply_schedule()
         self.module.train()
         perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
         total = torch.zeros((), device=self.device)

@@ -68,6 +68,7 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
         "seed": unit.seed,
         # a fixed arm's num_samples: independent replicas (own init and noise seeds), e.g. a deep ensemble
         "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if unit.arm.search == "fixed" else 0,
+        "schedule": None,  # search 'replay': filled in by the runner from the STN arm's records
         "data_seed": unit.seed,
         "epochs_per_step": study.training.epochs_per_step,
         "device": study.training.device,
@@ -77,9 +78,26 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
 def searcher(unit: ArmSeed):
     """The Tune search algorithm for the arm's `search` (None: Tune's default generator)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    if unit.arm.search in ("fixed", "grid", "random"):
+    if unit.arm.search in ("fixed", "grid", "random", "replay"):
         return BasicVariantGenerator(random_state=np.random.default_rng(unit.search_seed))
     raise ValueError(f"unknown search {unit.arm.search!r}")
+
+
+def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
+    """The schedule an STN trial learned, for `sgd` to replay: [[epoch, {hp: value}], ...] from
+    the reports (`hp/<name>` after `epoch` epochs) of its best trial by validation loss, led by
+    the STN's start values at epoch 0. `rows`: the STN arm x seed's results (a DataFrame)."""
+    from methods.hparams import resolve
+    from methods.stn import hyperparameters
+    best = rows.loc[rows.val_loss.idxmin(), "trial_id"]
+    trial = rows[rows.trial_id == best].sort_values("epoch")
+    names = [c[3:] for c in trial.columns if c.startswith("hp/")]
+    hp = resolve(hyperparameters(0), stn_hp)
+    schedule = [[0, {n: float(hp["init_dropout"] if n.startswith("dropout") else hp["init_input_noise"])
+                     for n in names}]]
+    for epoch, values in zip(trial.epoch, trial[[f"hp/{n}" for n in names]].to_dict("records")):
+        schedule.append([int(epoch), {n: float(values[f"hp/{n}"]) for n in names}])
+    return schedule
 
 
 def num_samples(unit: ArmSeed) -> int:

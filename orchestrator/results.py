@@ -37,6 +37,10 @@ class ResultsStore:
         _atomic_parquet(df[KEY_COLUMNS + [c for c in df.columns if c not in KEY_COLUMNS]], path)
         return path
 
+    def read_part(self, arm: str, seed_index: int) -> pd.DataFrame | None:
+        path = self.parts_dir / f"{arm}__seed{seed_index}.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
     def consolidate(self) -> Path:
         parts = sorted(self.parts_dir.glob("*.parquet"))
         frames = [pd.read_parquet(p) for p in parts]

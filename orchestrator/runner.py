@@ -28,7 +28,8 @@ from ray import tune
 from methods.data import task_of
 from orchestrator.budget import Budget, Clock
 from orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
-from orchestrator.planning import ArmSeed, num_samples, plan, searcher, trial_config
+from orchestrator.plots import schedule_plot
+from orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, searcher, trial_config
 from orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from orchestrator.results import ResultsStore
 from orchestrator.study import Study, StudyError
@@ -165,9 +166,21 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
     recorder = Recorder(ctx, tracker)
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
+    param_space = trial_config(study, unit, data_root)
+    if unit.arm.search == "replay":
+        source = store.read_part(unit.arm.replay, unit.seed_index)
+        if source is None or source.empty or "val_loss" not in source:
+            log.warning("%s: no records of %s seed %d to replay", unit.key, unit.arm.replay, unit.seed_index)
+            status.status = "failed"
+            store.write_part(unit.arm.name, unit.seed_index, [])
+            tracker.set_tags(run_id, {"error": f"no records of arm {unit.arm.replay!r} to replay"})
+            tracker.end_run(run_id, "FAILED")
+            return
+        stn_arm = next(a for a in study.arms if a.name == unit.arm.replay)
+        param_space["schedule"] = replay_schedule(source, stn_arm.params)
     tuner = Tuner(
         trainable,
-        param_space=trial_config(study, unit, data_root),
+        param_space=param_space,
         tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=searcher(unit), num_samples=num_samples(unit),
                                max_concurrent_trials=b.workers, reuse_actors=True,
                                trial_dirname_creator=lambda t: t.trial_id),
@@ -191,6 +204,11 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
     failed = not recorder.rows or errors == status.trials_started
     status.status = "failed" if failed else "done"
     _record_arm_end(tracker, run_id, status, recorder.rows, errors)
+    if recorder.rows and any(k.startswith("hp/") for k in status.best_row):
+        best = [r for r in recorder.rows if r["trial_id"] == status.best_row["trial_id"]]
+        plot = schedule_plot(best, study_dir / "plots" / f"schedule-{unit.arm.name}-seed{unit.seed_index}.png",
+                             title=f"{unit.arm.name} seed {unit.seed_index} ({unit.arm.method})")
+        tracker.log_artifact(run_id, plot, "plots")
     trials = {Path(r.path).name: (Path(r.path), r.config) for r in grid if r.path}
     write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
                         seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SEARCHES = ("fixed", "grid", "random")  # Tune searches available to arms
+SEARCHES = ("fixed", "grid", "random", "replay")  # how an arm's hyperparameters are chosen
 DOMAINS = ("uniform", "loguniform", "int", "choice", "grid")  # search-space forms in YAML
 
 
@@ -60,12 +60,24 @@ class ArmConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: str
     search: str = "fixed"
+    replay: str | None = None  # search 'replay': the STN arm whose learned schedule this arm trains with
     params: dict[str, Any] = {}  # fixed hyperparameter values
     space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
     # trials for random search; repeats of the grid; independent replicas of a fixed arm
     num_samples: int = Field(1, ge=1)
     ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
     max_epochs: int | None = Field(None, ge=1)  # per trial; default training.max_epochs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replay_form(cls, data: Any) -> Any:
+        """`search: {replay: ARM}` is stored as `search: replay` plus `replay: ARM`."""
+        if isinstance(data, dict) and isinstance(data.get("search"), dict):
+            search = data["search"]
+            if set(search) != {"replay"} or not isinstance(search["replay"], str):
+                raise ValueError(f"search as a mapping takes one key, replay: <arm name>; got {search!r}")
+            data = {**data, "search": "replay", "replay": search["replay"]}
+        return data
 
 
 class BudgetConfig(_Frozen):
@@ -193,10 +205,25 @@ def _check_semantics(study: Study, source: str) -> None:
             problem = declared[key].check(value)
             if problem:
                 fail(f"{at}.params.{key}", problem)
+        if arm.search == "replay":
+            earlier = {a.name: a for a in study.arms[:i]}
+            source = earlier.get(arm.replay or "")
+            if source is None or source.method != "stn":
+                fail(f"{at}.search.replay", f"{arm.replay!r} is not an stn arm listed before this one"
+                     f"{'; stn arms: ' + ', '.join(n for n, a in earlier.items() if a.method == 'stn') if earlier else ''}")
+            if arm.method != "sgd":
+                fail(f"{at}.method", f"a replayed schedule trains 'sgd', got {arm.method!r}")
+            tuned = source.params.get("tune", "dropout,input_noise")
+            if any(g.strip() not in ("dropout", "input_noise") for g in tuned.split(",")):
+                fail(f"{at}.search.replay", f"sgd replays dropout and input noise schedules; {arm.replay!r} tunes {tuned!r}")
+            if arm.space or arm.num_samples != 1:
+                fail(f"{at}.search", "a replay arm runs one trial with the learned schedule; no space or num_samples")
+        elif arm.replay is not None:
+            fail(f"{at}.replay", "only with search: replay")
         if arm.search == "fixed":
             if arm.space:
                 fail(f"{at}.space", "search 'fixed' takes no space; use search: random or grid")
-        elif not arm.space:
+        elif not arm.space and arm.search != "replay":
             fail(f"{at}.space", f"search {arm.search!r} needs a space of hyperparameters to search")
         if arm.ensemble and not _is_generative(arm.method) and arm.ensemble.members > arm.num_samples:
             fail(f"{at}.ensemble.members", f"{arm.method!r} is not generative: an ensemble of {arm.ensemble.members} "

@@ -77,7 +77,9 @@ def build_method(config: dict[str, Any], device: torch.device):
     tasks restore from a checkpoint."""
     splits = load_splits(config)
     target = build_target_for(config, splits)
-    method = method_module(config["method"]).METHOD(target, splits, config["hp"], seed=trial_seed(config), device=device)
+    extra = {"schedule": config["schedule"]} if config.get("schedule") else {}  # sgd replaying an STN schedule
+    method = method_module(config["method"]).METHOD(target, splits, config["hp"], seed=trial_seed(config), device=device,
+                                                    **extra)
     return splits, target, method
 
 

@@ -1,0 +1,85 @@
+"""An STN arm and an sgd arm replaying its schedule, through `hypersweep run`; replay errors."""
+import copy
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.planning import replay_schedule
+from orchestrator.study import StudyError, parse_study
+
+STUDY = {
+    "name": "stn-tiny",
+    "seed": 5,
+    "seeds": 1,
+    "dataset": {"name": "digits"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "arms": [
+        {"name": "stn", "method": "stn", "params": {"batch_size": 64, "warmup_epochs": 1, "hyper_lr": 0.05}},
+        {"name": "replayed", "method": "sgd", "search": {"replay": "stn"}, "params": {"batch_size": 64}},
+    ],
+    "budget": {"seconds": 30, "workers": 1},
+    "training": {"max_epochs": 4, "epochs_per_step": 1, "checkpoint_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def stn_study(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("stn")
+    (tmp / "s.yaml").write_text(yaml.safe_dump(STUDY))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    r = CliRunner().invoke(main, ["run", str(tmp / "s.yaml"), "--study-dir", str(tmp / "sd"), "--tracking-uri", uri,
+                                  "--no-live"])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    return tmp / "sd", uri
+
+
+def test_schedules_are_recorded_and_replayed(stn_study):
+    study_dir, uri = stn_study
+    df = pd.read_parquet(study_dir / "results.parquet")
+    stn = df[df.arm == "stn"].sort_values("epoch")
+    replayed = df[df.arm == "replayed"].sort_values("epoch")
+    names = ["dropout_in", "dropout_1", "input_noise"]
+    for name in names:
+        assert stn[f"hp/{name}"].notna().all() and stn[f"hp_scale/{name}"].notna().all()
+    assert stn["hp/dropout_in"].iloc[-1] != stn["hp/dropout_in"].iloc[0]  # lambda moved after the warm-up
+    # The replay arm used, in epoch k + 1, the value the STN had after epoch k.
+    for name in names:
+        assert replayed[f"hp/{name}"].iloc[0] == pytest.approx(0.05)  # the STN's start value in epoch 1
+        assert replayed[f"hp/{name}"].iloc[1:].tolist() == pytest.approx(stn[f"hp/{name}"].iloc[:-1].tolist())
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    runs = json.loads((study_dir / "runs.json").read_text())["arms"]
+    for key in ("stn/seed0", "replayed/seed0"):
+        assert {a.path for a in client.list_artifacts(runs[key], "plots")} == \
+            {f"plots/schedule-{key.split('/')[0]}-seed0.png"}
+    history = client.get_metric_history(runs["stn/seed0"], "hp/dropout_in")
+    assert len(history) == 4
+
+
+def test_replay_schedule_from_rows():
+    rows = pd.DataFrame({"trial_id": ["a", "a", "b"], "epoch": [2, 4, 2], "val_loss": [0.5, 0.4, 0.9],
+                         "hp/dropout_in": [0.1, 0.2, 0.7], "hp/input_noise": [0.3, 0.4, 0.9]})
+    schedule = replay_schedule(rows, {"init_dropout": 0.02})
+    assert schedule == [[0, {"dropout_in": 0.02, "input_noise": 0.05}], [2, {"dropout_in": 0.1, "input_noise": 0.3}],
+                        [4, {"dropout_in": 0.2, "input_noise": 0.4}]]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda arms: arms[1].update(search={"replay": "nope"}), "arms[1].search.replay: 'nope' is not an stn arm"),
+    (lambda arms: arms.reverse(), "arms[0].search.replay: 'stn' is not an stn arm listed before this one"),
+    (lambda arms: arms[1].update(method="hyper-ml"), "arms[1].method: a replayed schedule trains 'sgd'"),
+    (lambda arms: arms[0]["params"].update(tune="dropout,jitter"), "sgd replays dropout and input noise schedules"),
+    (lambda arms: arms[1].update(search={"replay": "stn", "x": 1}), "search as a mapping takes one key"),
+    (lambda arms: arms[0]["params"].update(variant="stn2"), "arms[0].params.variant: 'stn2' is not one of stn, delta-stn"),
+    (lambda arms: arms[0]["params"].update(tune="dropout,colour"), "'colour' is not one of dropout, input_noise"),
+])
+def test_replay_and_stn_errors(change, message):
+    raw = copy.deepcopy(STUDY)
+    change(raw["arms"])
+    with pytest.raises(StudyError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_study(raw, "s.yaml")
