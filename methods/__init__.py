@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "hyper-diverse": "methods.hyper_diverse",
     "hyper-posterior": "methods.hyper_posterior",
     "stn": "methods.stn",
+    "hyper-hpo": "methods.hyper_hpo",
 }
 
 

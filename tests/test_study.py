@@ -37,7 +37,7 @@ BAD = [
     ("wrong type", _set(["budget", "seconds"], "ten"), "budget.seconds: Input should be a valid number"),
     ("budget zero", _set(["budget", "seconds"], 0), "budget.seconds: Input should be greater than 0"),
     ("budget negative", _set(["budget", "seconds"], -5), "budget.seconds"),
-    ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-ml, hyper-posterior, sgd"),
+    ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-hpo, hyper-ml, hyper-posterior, sgd, stn"),
     ("unknown search", _set(["arms", 0, "search"], "bohb"), "arms[0].search: unknown search 'bohb'"),
     ("unknown dataset", _set(["dataset", "name"], "imagenet"), "dataset.name: unknown dataset 'imagenet'"),
     ("unknown hyperparameter", _set(["arms", 0, "space", "momentum2"], {"uniform": [0, 1]}),

@@ -17,6 +17,7 @@ CONFIGS = {
     "hyper-posterior": {"hp": {"batch_size": 64, "latent_dim": 8, "hidden": 16, "sharing": "block-wise",
                                "prior": "normal"}},
     "stn": {"hp": {"batch_size": 64, "warmup_epochs": 0, "tune": "dropout,input_noise"}},
+    "hyper-hpo": {"hp": {"batch_size": 64, "warmup_epochs": 0, "tune": "weight_decay,input_noise", "hidden": [8]}},
 }
 
 # Keys that differ between two runs of the same step (timings).

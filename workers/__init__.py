@@ -13,6 +13,7 @@ TRAINABLES: dict[str, str] = {
     "hyper-diverse": "workers.hypernet_trainable:HypernetTrainable",
     "hyper-posterior": "workers.hypernet_trainable:HypernetTrainable",
     "stn": "workers.stn_trainable:STNTrainable",
+    "hyper-hpo": "workers.stn_trainable:STNTrainable",
 }
 
 
