@@ -180,6 +180,25 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
     click.echo(f"written: {base}")
 
 
+@main.command("ensembles-report")
+@click.argument("study_dir", type=click.Path(exists=True, file_okay=False))
+def ensembles_report(study_dir) -> None:
+    """Summarise the ensembles of a study over its seeds (mean +- std per arm) into
+    STUDY_DIR/ensembles.md and print it.
+
+    \b
+    Example:
+      hypersweep ensembles-report studies/ensembles-digits
+    """
+    from orchestrator.ensembles import collected, report_markdown
+    results = collected(Path(study_dir))
+    if not results:
+        _bad_input(f"{study_dir}: no ensembles under ensembles/ (an arm's `ensemble:` or `hypersweep ensemble` makes them)")
+    text = report_markdown(results)
+    (Path(study_dir) / "ensembles.md").write_text(text)
+    click.echo(text, nl=False)
+
+
 @main.command("distill")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the ensemble's folder).")

@@ -322,6 +322,43 @@ def table(results: dict[tuple[str, int], dict[str, float]], split: str = "test")
     return out
 
 
+def collected(study_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """Headline metrics of every ensemble already written under STUDY/ensembles/."""
+    out = {}
+    for folder in sorted((study_dir / "ensembles").glob("*-seed*")):
+        if not (folder / "ensemble.json").is_file():
+            continue
+        saved = json.loads((folder / "ensemble.json").read_text())
+        ens = Ensemble([{}] * saved["members"], np.zeros((0, 0)), np.zeros(0), {}, saved["metrics"])
+        distilled = json.loads((folder / "distill.json").read_text()) if (folder / "distill.json").is_file() else None
+        out[(saved["arm"], saved["seed_index"])] = headline(ens, distilled)
+    return out
+
+
+def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str = "test") -> str:
+    """Per arm, over seeds (mean +- standard deviation): single members, the ensemble by mean
+    prediction and by vote, the Polyak averages; classification errors in %."""
+    arms: dict[str, list[dict[str, float]]] = {}
+    for (arm, _), m in results.items():
+        arms.setdefault(arm, []).append(m)
+    first = next(iter(results.values()))
+    q = "error" if f"ensemble.{split}.mean_error" in first else "rmse"
+    scale = 100.0 if q == "error" else 1.0
+    columns = [("single member", f"ensemble.{split}.member_{q}_mean"), ("ensemble (mean)", f"ensemble.{split}.mean_{q}"),
+               ("ensemble (vote)", f"ensemble.{split}.vote_error"), ("Polyak raw", f"distill.raw.{split}.{q}"),
+               ("Polyak gauge-fixed", f"distill.gauge.{split}.{q}")]
+    unit = " (%)" if q == "error" else ""
+    lines = [f"| arm | seeds | members | " + " | ".join(f"{c} {split} {q}{unit}" for c, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for arm, ms in arms.items():
+        cells = []
+        for _, key in columns:
+            vals = [m[key] * scale for m in ms if key in m]
+            cells.append(f"{np.mean(vals):.2f} +- {np.std(vals):.2f}" if vals else "")
+        lines.append(f"| {arm} | {len(ms)} | {int(ms[0]['ensemble.members'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def record(tracker, run_id: str, metrics: dict[str, float], out_dir: Path) -> None:
     tracker.log_metrics(run_id, metrics, step=0)
     tracker.flush()

@@ -188,3 +188,15 @@ def test_ensemble_refuses_to_overwrite_and_bad_paths(ensembled_study, tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     r = CliRunner().invoke(main, ["distill", str(tmp_path / "junk.parquet")])
     assert r.exit_code == 2 and "not an ensemble table" in r.output
+
+
+def test_ensembles_report(ensembled_study, tmp_path):
+    study_dir, _ = ensembled_study
+    r = CliRunner().invoke(main, ["ensembles-report", str(study_dir)])
+    assert r.exit_code == 0, r.output
+    lines = (study_dir / "ensembles.md").read_text().splitlines()
+    assert lines[0].startswith("| arm | seeds | members | single member test error (%)")
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert set(rows) == {"deep", "hml"} and "| 1 | 3 |" in rows["deep"] and "| 1 | 6 |" in rows["hml"]
+    r = CliRunner().invoke(main, ["ensembles-report", str(tmp_path)])
+    assert r.exit_code == 2 and "no ensembles" in r.output
