@@ -25,6 +25,12 @@ class FakeClock:
         self.now += seconds
 
 
+def tolerance(seconds: float) -> float:
+    """How far past its budget an arm may run: max(2%, 5 s) (the stop is cooperative: a trial
+    ends at its next report)."""
+    return max(0.02 * seconds, 5.0)
+
+
 class Budget:
     def __init__(self, seconds: float, clock: Clock = time.monotonic):
         if seconds <= 0:
@@ -48,3 +54,10 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.started and self.elapsed() >= self.seconds
+
+    def overrun(self) -> float:
+        """Seconds used past the budget (0 when within it)."""
+        return max(0.0, self.elapsed() - self.seconds)
+
+    def within_tolerance(self) -> bool:
+        return self.overrun() <= tolerance(self.seconds)

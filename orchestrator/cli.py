@@ -180,6 +180,55 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
     click.echo(f"written: {base}")
 
 
+@main.command()
+@click.argument("study_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--log-time", is_flag=True, help="Logarithmic time axis in anytime.png.")
+@click.option("--band", type=click.Choice(["median", "mean"]), default="median", show_default=True,
+              help="median with the interquartile band, or mean with a 95% confidence interval.")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Log report.md and anytime.png on the study's parent run.")
+def compare(study_dirs, log_time, band, use_mlflow) -> None:
+    """Compare the arms of one or more studies (finished or still running): writes
+    STUDY/report.md (per arm: final best val loss over seeds, test metric at best val, time
+    to reach the best black-box arm's final val loss, wall time used, trials) and
+    STUDY/anytime.png (best val loss against arm wall time, aggregated over seeds).
+
+    \b
+    Example:
+      hypersweep compare studies/stn-vs-bo-digits-20261122-101500 --log-time
+    """
+    from orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
+    loaded = []
+    for d in study_dirs:
+        path = Path(d)
+        if not (path / "study.yaml").is_file():
+            _bad_input(f"{path}: not a study directory (no study.yaml)")
+        df, arms, study = load_study_records(path)
+        if df.empty or "val_loss" not in df:
+            _bad_input(f"{path}: no reports recorded yet")
+        loaded.append((path, df, arms, study))
+    texts = []
+    for path, df, arms, study in loaded:
+        table, baseline = arm_table(df, arms)
+        expected = len(study["arms"]) * study["seeds"]
+        done = sum(a["status"] in ("done", "failed") for a in arms.values())
+        status = ("finished" if done == expected else f"still running or stopped: {done}/{expected} arm x seed runs ended"
+                  if arms else "no arms.json: the study ran under an older hypersweep or has not ended an arm yet")
+        text = markdown(study["name"], table, baseline, study["budget"]["seconds"], "one after another on the whole "
+                        f"allocation ({study['budget']['workers']} worker slots)", status)
+        (path / "report.md").write_text(text)
+        anytime_plot(anytime_curves(df), path / "anytime.png", title=study["name"], log_time=log_time, how=band)
+        runs = path / "runs.json"
+        if use_mlflow and runs.is_file():
+            import json
+            meta = json.loads(runs.read_text())
+            tracker = _tracker_for(meta.get("tracking_uri"), True)
+            for name in ("report.md", "anytime.png"):
+                tracker.log_artifact(meta["parent_run_id"], path / name, "report")
+        texts.append(text)
+        click.echo(text)
+    click.echo(f"written: {', '.join(str(Path(p[0]) / 'report.md') for p in loaded)} (+ anytime.png)")
+
+
 @main.command("ensembles-report")
 @click.argument("study_dir", type=click.Path(exists=True, file_okay=False))
 def ensembles_report(study_dir) -> None:

@@ -348,7 +348,7 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
                ("ensemble (vote)", f"ensemble.{split}.vote_error"), ("Polyak raw", f"distill.raw.{split}.{q}"),
                ("Polyak gauge-fixed", f"distill.gauge.{split}.{q}")]
     unit = " (%)" if q == "error" else ""
-    lines = [f"| arm | seeds | members | " + " | ".join(f"{c} {split} {q}{unit}" for c, _ in columns) + " |",
+    lines = ["| arm | seeds | members | " + " | ".join(f"{c} {split} {q}{unit}" for c, _ in columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for arm, ms in arms.items():
         cells = []

@@ -40,9 +40,13 @@ def plan(study: Study) -> list[ArmSeed]:
     return out
 
 
-def tune_domain(domain: dict[str, list[Any]]):
+def tune_domain(domain: dict[str, list[Any]], grid: bool = False):
+    """The Tune domain of a YAML space entry; under search 'grid', listed values (grid or
+    choice) are all crossed."""
     from ray import tune
     (form, values), = domain.items()
+    if grid:
+        return tune.grid_search(values)
     if form == "uniform":
         return tune.uniform(*values)
     if form == "loguniform":
@@ -64,7 +68,7 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
                     "val_fraction": study.dataset.val_fraction, "test_fraction": study.dataset.test_fraction,
                     "split_index": split_index},
         "model": study.model.target_options(),
-        "hp": {**unit.arm.params, **{k: tune_domain(v) for k, v in unit.arm.space.items()}},
+        "hp": {**unit.arm.params, **{k: tune_domain(v, grid=unit.arm.search == "grid") for k, v in unit.arm.space.items()}},
         "seed": unit.seed,
         # a fixed arm's num_samples: independent replicas (own init and noise seeds), e.g. a deep ensemble
         "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if unit.arm.search == "fixed" else 0,
@@ -76,11 +80,40 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
 
 
 def searcher(unit: ArmSeed):
-    """The Tune search algorithm for the arm's `search` (None: Tune's default generator)."""
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    """The Tune search algorithm for the arm's `search`, seeded with the arm's search seed:
+    Tune's variant generator (fixed, grid, random, replay) or Optuna's TPE / Gaussian-process
+    samplers through OptunaSearch (tpe, gp)."""
+    seed = unit.search_seed % (2 ** 32)
     if unit.arm.search in ("fixed", "grid", "random", "replay"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
         return BasicVariantGenerator(random_state=np.random.default_rng(unit.search_seed))
+    if unit.arm.search in ("tpe", "gp"):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=seed) if unit.arm.search == "tpe" else \
+            optuna.samplers.GPSampler(seed=seed)
+        return OptunaSearch(sampler=sampler, seed=seed)
     raise ValueError(f"unknown search {unit.arm.search!r}")
+
+
+def scheduler(unit: ArmSeed, max_steps: int):
+    """The arm's Tune trial scheduler (None: FIFO). Times are in reports (training_iteration)."""
+    options = dict(unit.arm.scheduler_options)
+    if unit.arm.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        return ASHAScheduler(time_attr="training_iteration", max_t=max(max_steps, 1),
+                             grace_period=int(options.get("grace_period", 1)),
+                             reduction_factor=options.get("reduction_factor", 3))
+    if unit.arm.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+        mutations = {"hp": {k: (v["grid"] if "grid" in v else v["choice"] if "choice" in v else tune_domain(v))
+                            for k, v in unit.arm.space.items()}}
+        return PopulationBasedTraining(time_attr="training_iteration",
+                                       perturbation_interval=int(options.get("perturbation_interval", 2)),
+                                       quantile_fraction=options.get("quantile_fraction", 0.25),
+                                       hyperparam_mutations=mutations)  # PBT draws from Python's `random`
+    return None
 
 
 def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:

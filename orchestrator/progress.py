@@ -23,6 +23,11 @@ class ArmStatus:
     best_row: dict = field(default_factory=dict)  # the report with the lowest val_loss
     wall_time_used_s: float = 0.0
 
+    @property
+    def within_budget(self) -> bool:
+        from orchestrator.budget import tolerance
+        return self.wall_time_used_s <= self.budget_s + tolerance(self.budget_s)
+
 
 def _fmt(x, spec=".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
@@ -65,20 +70,22 @@ def summary_table(statuses: list[ArmStatus], task: str) -> Table:
     val_col, test_col = quality_columns(task)
     table = Table(title="hypersweep: summary (best report by val_loss per arm x seed)", title_justify="left")
     for col in ("arm", "seed", "status", "best val_loss", val_col, f"{test_col} at best val", "wall time used (s)",
-                "trials"):
+                "within budget", "trials"):
         table.add_column(col, justify="left" if col in ("arm", "status") else "right")
     for s in statuses:
         table.add_row(s.arm, str(s.seed_index), s.status, _fmt(s.best_val_loss), _fmt(s.best_row.get(val_col)),
-                      _fmt(s.best_row.get(test_col)), f"{s.wall_time_used_s:.1f}", str(s.trials_started))
+                      _fmt(s.best_row.get(test_col)), f"{s.wall_time_used_s:.1f}", "yes" if s.within_budget else "NO",
+                      str(s.trials_started))
     return table
 
 
 def summary_markdown(statuses: list[ArmStatus], task: str) -> str:
     val_col, test_col = quality_columns(task)
-    lines = [f"| arm | seed | status | best val_loss | {val_col} | {test_col} at best val | wall time used (s) | trials |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | seed | status | best val_loss | {val_col} | {test_col} at best val | wall time used (s) | "
+             "within budget | trials |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in statuses:
         lines.append(f"| {s.arm} | {s.seed_index} | {s.status} | {_fmt(s.best_val_loss)} | "
                      f"{_fmt(s.best_row.get(val_col))} | {_fmt(s.best_row.get(test_col))} | "
-                     f"{s.wall_time_used_s:.1f} | {s.trials_started} |")
+                     f"{s.wall_time_used_s:.1f} | {'yes' if s.within_budget else 'NO'} | {s.trials_started} |")
     return "\n".join(lines) + "\n"

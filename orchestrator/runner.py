@@ -29,7 +29,7 @@ from methods.data import task_of
 from orchestrator.budget import Budget, Clock
 from orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
 from orchestrator.plots import schedule_plot
-from orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, searcher, trial_config
+from orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, scheduler, searcher, trial_config
 from orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from orchestrator.results import ResultsStore
 from orchestrator.study import Study, StudyError
@@ -42,6 +42,9 @@ _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timesta
               "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
               "timesteps_since_restore", "done", "trial_id", "experiment_id", "date", "config", "checkpoint_dir_name",
               "should_checkpoint", "experiment_tag"}
+
+
+PART_EVERY_S = 15.0  # how often a running arm's results part is rewritten
 
 
 class BudgetStopper(tune.Stopper):
@@ -70,8 +73,9 @@ class ArmContext:
 class Recorder(tune.Callback):
     """Runs in the driver: the only place reports become records."""
 
-    def __init__(self, ctx: ArmContext, tracker: Tracker):
-        self.ctx, self.tracker = ctx, tracker
+    def __init__(self, ctx: ArmContext, tracker: Tracker, store: ResultsStore):
+        self.ctx, self.tracker, self.store = ctx, tracker, store
+        self._last_part = time.monotonic()
         self.rows: list[dict[str, Any]] = []
         self.trial_runs: dict[str, str] = {}
 
@@ -102,6 +106,9 @@ class Recorder(tune.Callback):
                "trial_id": trial.trial_id, "step": step, "arm_time_s": arm_time, **metrics,
                **{f"hp_{k}": v for k, v in flatten(trial.config["hp"]).items()}}
         self.rows.append(row)
+        if time.monotonic() - self._last_part >= PART_EVERY_S:  # `compare` on a running study sees this arm
+            self.store.write_part(u.arm.name, u.seed_index, self.rows)
+            self._last_part = time.monotonic()
         self.tracker.log_metrics(self._trial_run(trial), {**metrics, "arm_time_s": arm_time}, step)
         s = c.status
         s.reports += 1
@@ -163,7 +170,7 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
     budget = Budget(study.budget.seconds, clock).start()
     ctx = ArmContext(study, study_id, unit, run_id, status, budget)
     status.status = "running"
-    recorder = Recorder(ctx, tracker)
+    recorder = Recorder(ctx, tracker, store)
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
     param_space = trial_config(study, unit, data_root)
@@ -178,17 +185,21 @@ def run_arm(study: Study, study_dir: Path, study_id: str, unit: ArmSeed, run_id:
             return
         stn_arm = next(a for a in study.arms if a.name == unit.arm.replay)
         param_space["schedule"] = replay_schedule(source, stn_arm.params)
+    max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
+    param_space["deadline"] = time.time() + budget.remaining()  # trials end their step there (wall clock)
     tuner = Tuner(
         trainable,
         param_space=param_space,
         tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=searcher(unit), num_samples=num_samples(unit),
-                               max_concurrent_trials=b.workers, reuse_actors=True,
-                               trial_dirname_creator=lambda t: t.trial_id),
+                               scheduler=scheduler(unit, max_steps), max_concurrent_trials=b.workers,
+                               reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
         run_config=RunConfig(
             name=f"{unit.arm.name}-seed{unit.seed_index}", storage_path=str((study_dir / "tune").resolve()),
-            stop=BudgetStopper(budget, (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1),
+            stop=BudgetStopper(budget, max_steps),
             callbacks=[recorder], verbose=0,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_frequency=study.training.checkpoint_every,
+            # PBT's exploits restore other trials' checkpoints: keep more of them
+            checkpoint_config=CheckpointConfig(num_to_keep=2 if unit.arm.scheduler != "pbt" else 2 * b.workers + 2,
+                                               checkpoint_frequency=study.training.checkpoint_every,
                                                checkpoint_at_end=True),
             failure_config=FailureConfig(max_failures=1)),
     )
@@ -295,6 +306,10 @@ def run_study(study: Study, study_dir: Path, *, tracking_uri: str, address: str 
                 _write_json(study_dir / "runs.json", run_map)
                 run_arm(study, study_dir, study_id, unit, run_id, status, tracker, store, clock, data_root)
                 store.consolidate()
+                _write_json(study_dir / "arms.json", {f"{s.arm}/seed{s.seed_index}": {
+                    "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
+                    "wall_time_used_s": s.wall_time_used_s, "within_budget": s.within_budget,
+                    "trials": s.trials_started, "reports": s.reports} for s in statuses if s.status != "pending"})
         results = store.consolidate()
         (study_dir / "summary.md").write_text(summary_markdown(statuses, task))
         for path in (results, study_dir / "summary.md"):

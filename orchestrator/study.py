@@ -12,7 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SEARCHES = ("fixed", "grid", "random", "replay")  # how an arm's hyperparameters are chosen
+SEARCHES = ("fixed", "grid", "random", "tpe", "gp", "replay")  # how an arm's hyperparameters are chosen
+SCHEDULERS = ("none", "asha", "pbt")  # Tune trial schedulers on top of a search
+SCHEDULER_OPTIONS = {"asha": ("grace_period", "reduction_factor"), "pbt": ("perturbation_interval", "quantile_fraction")}
 DOMAINS = ("uniform", "loguniform", "int", "choice", "grid")  # search-space forms in YAML
 
 
@@ -65,6 +67,8 @@ class ArmConfig(_Frozen):
     space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
     # trials for random search; repeats of the grid; independent replicas of a fixed arm
     num_samples: int = Field(1, ge=1)
+    scheduler: str = "none"  # asha (early stopping) or pbt (population based training)
+    scheduler_options: dict[str, float] = {}  # asha: grace_period, reduction_factor; pbt: perturbation_interval, quantile_fraction
     ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
     max_epochs: int | None = Field(None, ge=1)  # per trial; default training.max_epochs
 
@@ -205,6 +209,16 @@ def _check_semantics(study: Study, source: str) -> None:
             problem = declared[key].check(value)
             if problem:
                 fail(f"{at}.params.{key}", problem)
+        if arm.scheduler not in SCHEDULERS:
+            fail(f"{at}.scheduler", f"unknown scheduler {arm.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        for key in arm.scheduler_options:
+            if key not in SCHEDULER_OPTIONS.get(arm.scheduler, ()):
+                fail(f"{at}.scheduler_options.{key}", f"not an option of scheduler {arm.scheduler!r}; valid: "
+                     f"{', '.join(SCHEDULER_OPTIONS.get(arm.scheduler, ())) or 'none'}")
+        if arm.scheduler != "none" and arm.search in ("fixed", "replay"):
+            fail(f"{at}.scheduler", f"a scheduler needs several trials to compare; search is {arm.search!r}")
+        if arm.scheduler == "pbt" and arm.search not in ("random", "grid"):
+            fail(f"{at}.scheduler", f"pbt mutates random or grid trials; search is {arm.search!r}")
         if arm.search == "replay":
             earlier = {a.name: a for a in study.arms[:i]}
             source = earlier.get(arm.replay or "")
@@ -248,6 +262,8 @@ def _check_domain(domain: dict[str, list[Any]], hp, search: str, fail) -> None:
     (form, values), = domain.items()
     if search == "grid" and form not in ("grid", "choice"):
         fail(f"search 'grid' needs listed values ({{grid: [...]}}), got {form!r}")
+    if search in ("tpe", "gp", "random") and form == "grid":
+        fail(f"search {search!r} samples its space; grid values belong to search: grid (use choice)")
     if form in ("uniform", "loguniform", "int"):
         if len(values) != 2:
             fail(f"{form} takes [low, high], got {values!r}")

@@ -92,9 +92,18 @@ class MethodTrainable(tune.Trainable):
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
 
     def step(self) -> dict[str, Any]:
+        """`epochs_per_step` epochs, fewer when the arm's deadline (config `deadline`, wall-clock
+        time.time()) passes first, then one report: work done before the budget ends is
+        always reported."""
         t = time.monotonic()
-        train_loss = sum(self.method.train_epoch() for _ in range(self.epochs_per_step)) / self.epochs_per_step
-        report = {"train_loss": train_loss, "epoch": self.method.epoch}
+        deadline = self.config.get("deadline") if isinstance(self.config, dict) else None
+        losses = []
+        for _ in range(self.epochs_per_step):
+            if deadline is not None and time.time() >= deadline:
+                break
+            losses.append(self.method.train_epoch())
+        report = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch": self.method.epoch,
+                  "epochs_this_step": len(losses)}
         for split in ("val", "test"):
             report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
         if hasattr(self.method, "diagnostics"):

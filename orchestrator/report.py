@@ -1,0 +1,155 @@
+"""The comparison report: anytime curves, their aggregate over seeds, and the per-arm table.
+
+Anytime curve of an arm x seed: at arm wall time t, the lowest validation loss reported by any
+of its trials so far, and the test metrics of that report (the checkpoint one would keep).
+Curves are step functions, sampled on a common time grid and aggregated over seeds as the
+median with the interquartile band (or the mean with a 95% normal confidence interval).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+BLACK_BOX = ("grid", "random", "tpe", "gp")  # the searches whose best result is "the best baseline"
+
+
+def quality(df: pd.DataFrame) -> str:
+    return "error" if "test_error" in df.columns else "rmse"
+
+
+def anytime_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows (arm, seed_index, t, best_val_loss, test_loss, test_<q>) at each improvement."""
+    q = quality(df)
+    out = []
+    for (arm, seed), g in df.sort_values("arm_time_s").groupby(["arm", "seed_index"], sort=False):
+        best = math.inf
+        for row in g.itertuples(index=False):
+            if row.val_loss < best:
+                best = row.val_loss
+                out.append({"arm": arm, "seed_index": seed, "t": row.arm_time_s, "best_val_loss": best,
+                            "test_loss": row.test_loss, f"test_{q}": getattr(row, f"test_{q}")})
+    return pd.DataFrame(out, columns=["arm", "seed_index", "t", "best_val_loss", "test_loss", f"test_{q}"])
+
+
+def on_grid(curve: pd.DataFrame, grid: np.ndarray, column: str = "best_val_loss") -> np.ndarray:
+    """The step function of one arm x seed at the grid times (NaN before its first report)."""
+    t = curve["t"].to_numpy()
+    idx = np.searchsorted(t, grid, side="right") - 1
+    values = curve[column].to_numpy()
+    return np.where(idx >= 0, values[np.clip(idx, 0, None)], np.nan)
+
+
+def aggregate(curves: pd.DataFrame, grid: np.ndarray, how: str = "median") -> pd.DataFrame:
+    """Per arm and grid time: center and band over seeds (median and IQR, or mean and 95% CI),
+    over the seeds that have reported by then; `seeds` says how many."""
+    rows = []
+    for arm, g in curves.groupby("arm", sort=False):
+        values = np.stack([on_grid(c, grid) for _, c in g.groupby("seed_index")])  # (seeds, grid)
+        for j, t in enumerate(grid):
+            v = values[:, j][~np.isnan(values[:, j])]
+            if not len(v):
+                continue
+            if how == "median":
+                center, low, high = np.median(v), np.percentile(v, 25), np.percentile(v, 75)
+            else:
+                center = v.mean()
+                half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+                low, high = center - half, center + half
+            rows.append({"arm": arm, "t": t, "center": center, "low": low, "high": high, "seeds": len(v)})
+    return pd.DataFrame(rows, columns=["arm", "t", "center", "low", "high", "seeds"])
+
+
+def time_to_reach(curve: pd.DataFrame, target: float) -> float:
+    hit = curve[curve.best_val_loss <= target]
+    return float(hit.t.iloc[0]) if len(hit) else math.nan
+
+
+def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None) -> tuple[pd.DataFrame, str | None]:
+    """One row per arm: final best val loss (median and IQR over seeds), test metric at the best
+    val report (median), time to reach the best black-box arm's final val loss (median over
+    seeds; 'never' counts as missing), wall time used and trials (median). `arms`: the
+    per-arm x seed records of arms.json. Returns the table and the baseline arm's name."""
+    q = quality(df)
+    curves = anytime_curves(df)
+    finals = curves.groupby(["arm", "seed_index"]).last()
+    searches = df.groupby("arm").search.first()
+    medians = finals.groupby("arm").best_val_loss.median()
+    baselines = medians[[a for a in medians.index if searches.get(a) in BLACK_BOX]]
+    baseline = baselines.idxmin() if len(baselines) else None
+    target = baselines.min() if len(baselines) else math.nan
+    rows = []
+    for arm in dict.fromkeys(df.arm):
+        f = finals.loc[arm]
+        reach = [time_to_reach(c, target) for _, c in curves[curves.arm == arm].groupby("seed_index")]
+        reached = [r for r in reach if not math.isnan(r)]
+        used = [a["wall_time_used_s"] for a in (arms or {}).values() if a["arm"] == arm]
+        trials = df[df.arm == arm].groupby("seed_index").trial_id.nunique()
+        rows.append({"arm": arm, "search": searches[arm], "seeds": len(f),
+                     "final best val_loss (median)": f.best_val_loss.median(),
+                     "IQR low": f.best_val_loss.quantile(0.25), "IQR high": f.best_val_loss.quantile(0.75),
+                     f"test_{q} at best val (median)": f[f"test_{q}"].median(),
+                     "time to baseline (s, median)": float(np.median(reached)) if reached else math.nan,
+                     "seeds reaching baseline": f"{len(reached)}/{len(reach)}",
+                     "wall time used (s, median)": float(np.median(used)) if used else math.nan,
+                     "trials (median)": float(trials.median())})
+    return pd.DataFrame(rows), baseline
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: float, schedule: str,
+             status: str) -> str:
+    lines = [f"## {study}", "",
+             f"Budget {budget_s:g} s per arm x seed; arms ran {schedule}; {status}. Baseline for 'time to "
+             f"baseline': {baseline or 'none (no grid/random/tpe/gp arm)'}'s final median val_loss.", "",
+             "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool = False, how: str = "median",
+                 n_grid: int = 200) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t_max = float(curves.t.max()) if len(curves) else 1.0
+    t_min = max(float(curves.t.min()), 1e-3) if len(curves) else 1e-3
+    grid = np.geomspace(t_min, t_max, n_grid) if log_time else np.linspace(0.0, t_max, n_grid)
+    agg = aggregate(curves, grid, how)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (arm, g) in enumerate(agg.groupby("arm", sort=False)):
+        ax.plot(g.t, g.center, color=f"C{i}", label=arm)
+        ax.fill_between(g.t, g.low, g.high, color=f"C{i}", alpha=0.2)
+    if log_time:
+        ax.set_xscale("log")
+    ax.set_xlabel("arm wall time (s)")
+    ax.set_ylabel("best validation loss so far")
+    band = "median, interquartile band" if how == "median" else "mean, 95% CI"
+    ax.set_title(f"{title} ({band} over seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_study_records(study_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+    """Results rows (the consolidated table, else the parts written so far), arms.json, study.yaml."""
+    import yaml
+    parts = sorted((study_dir / "results").glob("*.parquet"))
+    frames = [pd.read_parquet(p) for p in parts]
+    frames = [f for f in frames if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    arms = json.loads((study_dir / "arms.json").read_text()) if (study_dir / "arms.json").is_file() else {}
+    study = yaml.safe_load((study_dir / "study.yaml").read_text())
+    return df, arms, study
