@@ -89,6 +89,9 @@ class BudgetConfig(_Frozen):
     workers: int = Field(1, ge=1)  # concurrent trial slots
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU
+    # sequential: arms one after another, each on all worker slots; concurrent: the arms of a
+    # repetition at the same time, each on workers / arms slots
+    schedule: Literal["sequential", "concurrent"] = "sequential"
 
 
 class TrainingConfig(_Frozen):
@@ -192,6 +195,15 @@ def _check_semantics(study: Study, source: str) -> None:
         fail("dataset.name", str(e))
     if study.model.kind == "resnet" and (study.model.depth - 4) % 6:
         fail("model.depth", f"a resnet's depth is 6n + 4 (10, 16, 22, 28, ...), got {study.model.depth}")
+    if study.budget.schedule == "concurrent":
+        if study.budget.workers < len(study.arms):
+            fail("budget.workers", f"schedule 'concurrent' splits the worker slots between the {len(study.arms)} arms; "
+                 f"needs at least {len(study.arms)}, got {study.budget.workers}")
+        if study.budget.workers % len(study.arms):
+            fail("budget.workers", f"schedule 'concurrent' gives every arm the same share: {study.budget.workers} "
+                 f"slots do not divide among {len(study.arms)} arms")
+        if any(a.search == "replay" for a in study.arms):
+            fail("budget.schedule", "a replay arm needs its STN arm's schedule first; use schedule: sequential")
     names = [a.name for a in study.arms]
     for i, arm in enumerate(study.arms):
         at = f"arms[{i}]"

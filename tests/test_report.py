@@ -139,3 +139,31 @@ def test_compare_writes_report_and_plot(searched):
                                                                                      "report/anytime.png"}
     r = CliRunner().invoke(main, ["compare", str(study_dir / "results")])
     assert r.exit_code == 2 and "not a study directory" in r.output
+
+
+def test_concurrent_schedule_runs_arms_side_by_side(tmp_path, ray_session):
+    study = {"name": "conc", "seed": 3, "seeds": 1, "dataset": {"name": "digits"}, "model": {"kind": "mlp", "hidden": [16]},
+             "arms": [{"name": "a", "method": "sgd", "search": "random", "num_samples": 3, "params": {"batch_size": 64},
+                       "space": SPACE},
+                      {"name": "b", "method": "sgd", "search": "tpe", "num_samples": 3, "params": {"batch_size": 64},
+                       "space": SPACE}],
+             "budget": {"seconds": 30, "workers": 2, "schedule": "concurrent"},
+             "training": {"max_epochs": 3, "epochs_per_step": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml"), "--study-dir", str(tmp_path / "sd"),
+                                  "--tracking-uri", uri, "--no-live"])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    df = pd.read_parquet(tmp_path / "sd" / "results.parquet")
+    assert df.groupby("arm").trial_id.nunique().to_dict() == {"a": 3, "b": 3}
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    runs = json.loads((tmp_path / "sd" / "runs.json").read_text())["arms"]
+    a, b = (client.get_run(runs[k]).info for k in ("a/seed0", "b/seed0"))
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # the two arms overlapped in time
+    assert a.status == b.status == "FINISHED"
+    for key in ("a", "b"):  # each arm had one of the two slots: its trials never overlapped
+        trials = df[df.arm == key].groupby("trial_id").arm_time_s.agg(["min", "max"]).sort_values("min")
+        assert (trials["min"].iloc[1:].to_numpy() >= trials["max"].iloc[:-1].to_numpy() - 1.0).all()
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "sd"), "--no-mlflow"])
+    assert "concurrently, 1 of 2 worker slots each" in r.output

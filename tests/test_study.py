@@ -52,6 +52,15 @@ BAD = [
      "arms[0].ensemble.members: 'sgd' is not generative: an ensemble of 5 takes the best of its trials, and num_samples is 2"),
     ("ensemble of one", _set(["arms", 0, "ensemble"], {"members": 1}), "arms[0].ensemble.members: Input should be greater than or equal to 2"),
     ("distill kind", _set(["arms", 0, "ensemble"], {"members": 2, "distill": "kd"}), "arms[0].ensemble.distill"),
+    ("concurrent needs slots", lambda raw: raw["budget"].update(schedule="concurrent", workers=1) or
+     raw["arms"].append(dict(raw["arms"][0], name="b")), "budget.workers: schedule 'concurrent' splits the worker slots"),
+    ("unknown schedule", _set(["budget", "schedule"], "parallel"), "budget.schedule"),
+    ("unknown scheduler", _set(["arms", 0, "scheduler"], "hyperband"), "arms[0].scheduler: unknown scheduler 'hyperband'"),
+    ("scheduler option", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"eta": 3}),
+     "arms[0].scheduler_options.eta: not an option of scheduler 'asha'"),
+    ("pbt with tpe", lambda raw: raw["arms"][0].update(scheduler="pbt", search="tpe"), "pbt mutates random or grid trials"),
+    ("grid values in tpe", lambda raw: raw["arms"][0].update(search="tpe", space={"lr": {"grid": [0.1, 0.2]}}),
+     "search 'tpe' samples its space"),
 ]
 
 
