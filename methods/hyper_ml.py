@@ -39,7 +39,7 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("noise_scale_init", 1.0, 1e-4, 100.0, doc="softplus scale of eps, learned"),
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
-        HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets: train without building the (S, P) weights"),
+        HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets, S = B: train without building the (S, P) weights"),
     ]
     return {hp.name: hp for hp in hps}
 
@@ -128,7 +128,9 @@ class HyperML(GenerativeMethod):
         S = math.gcd(self.hp["samples_per_step"] or B, B)  # S samples x B/S examples; exact for a short last batch
         x = x + F.softplus(self.input_noise) * torch.randn(x.shape, generator=self.noise_gen, device=self.device)
         x = x.reshape(S, B // S, *x.shape[1:])
-        if isinstance(self.target, MLP) and self.hp["factorised"]:
+        # The factorised path costs B x in x out x K per layer whatever S is; building the weights
+        # costs S x in x out x K (+ B x in x out to apply them): it pays only at one sample per example.
+        if isinstance(self.target, MLP) and self.hp["factorised"] and S == B:
             self.hypernet.train(True)
             eps = torch.randn(S, self.hp["noise_dim"], generator=self.noise_gen, device=self.device)
             out = self.hypernet.forward_mlp(self.target, self.hypernet.code(eps, self.noise_gen), x)
