@@ -288,6 +288,33 @@ class SmallCNN(TargetNet):
         h = self._regularise(h, 3, dropout, training, generator)
         return _linear(h, p["fc2.weight"], p["fc2.bias"])
 
+    def forward_rank1(self, base, rows, cols, x, *, dropout=None, input_noise=0.0, training=False, generator=None):
+        """Rank-1 modulated weights without building them: each conv runs once over all S*B
+        examples with the base filters, input channels scaled before, output channels after."""
+        S = next(iter(rows.values())).shape[0]
+        p = self.spec.unflatten(base.reshape(1, -1))
+        x = self._input(x, S, input_noise, dropout, training, generator, per_sample_ndim=4)
+        if x.dim() == 4:
+            x = x.unsqueeze(0).expand(S, *x.shape)
+        B, pad = x.shape[1], self.kernel_size // 2
+
+        def conv(h, name):  # h (S, B, C, H, W)
+            c, r, rb = cols[f"{name}.weight"], rows[f"{name}.weight"], rows[f"{name}.bias"]
+            h = (h * c[:, None, :, None, None]).flatten(0, 1)
+            h = F.conv2d(h, p[f"{name}.weight"][0], padding=pad).reshape(S, B, -1, *h.shape[2:])
+            return h * r[:, None, :, None, None] + (p[f"{name}.bias"][0] * rb)[:, None, :, None, None]
+
+        h = torch.relu(conv(x, "conv1"))
+        h = F.max_pool2d(h.flatten(0, 1), 2)
+        h = self._regularise(h.reshape(S, B, *h.shape[1:]), 1, dropout, training, generator)
+        h = F.max_pool2d(torch.relu(conv(h, "conv2")).flatten(0, 1), 2)
+        h = self._regularise(h.reshape(S, B, -1), 2, dropout, training, generator)
+        w, b = "fc1.weight", "fc1.bias"
+        h = torch.relu(rank1_linear(h, p[w][0], p[b][0], rows[w], cols[w], rows[b]))
+        h = self._regularise(h, 3, dropout, training, generator)
+        w, b = "fc2.weight", "fc2.bias"
+        return rank1_linear(h, p[w][0], p[b][0], rows[w], cols[w], rows[b])
+
     def _drop_maps(self, h, S, site, dropout, training, generator):
         if dropout is None or not training or dropout[site] == 0:
             return h

@@ -1,0 +1,182 @@
+"""Time per training step of the hypernetwork methods and the STN, against three references
+measured in the same run:
+  (a) the matmul bound: the step's floating-point work (torch's FlopCounterMode) divided by this
+      machine's dense matmul throughput (torch.mm, 2048 x 2048) -> "fraction of the bound";
+  (b) a plain loop over the S weight samples, one generated weight vector and one
+      torch.func.functional_call each, as the reference code and libraries do -> speed-up;
+  (c) one plain sgd step on the same target and batch -> cost ratio.
+Targets: the MLP 784-400-400-10 and the small CNN (20,018 weights), MNIST-shaped batches of
+256, S = 1, 8, 32, 256 weight samples per step (the STN always has one hyperparameter sample
+per example). Each configuration runs in its own process, so its peak memory is its own.
+
+    python -m bench.run hypernet_step            (or: python -m bench.hypernet_step)
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from bench.common import matmul_gflops, md_table, median_time, write
+
+METHODS = ("hyper-ml", "hyper-diverse", "hyper-posterior", "stn")
+TARGETS = {"mlp": {"kind": "mlp", "hidden": [400, 400]}, "cnn": {"kind": "cnn", "channels": [32, 16], "fc_hidden": 8}}
+SAMPLES = (1, 8, 32, 256)
+BATCH = 256
+LOOP_MAX_S = 32  # the loop reference gets slow beyond this; its target is at S = 32
+
+
+def _splits():
+    from methods import data
+    return data.load("mnist-5k", seed=0)
+
+
+def _method(name: str, target, splits, S: int):
+    from methods import method_module
+    hp = {"hyper-ml": {"batch_size": BATCH, "samples_per_step": S},
+          "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2), "init_scale": 1.0},
+          "hyper-posterior": {"batch_size": BATCH, "samples_per_step": S},
+          "stn": {"batch_size": BATCH, "warmup_epochs": 0},
+          "sgd": {"batch_size": BATCH}}[name]
+    return method_module(name).METHOD(target, splits, hp, seed=0)
+
+
+def _step_fn(name: str, m, x, y):
+    if name == "stn":
+        return lambda: m.train_step(x, y)
+    if name == "sgd":
+        def step():
+            loss = m.loss(m.module(x), y)
+            m.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            m.optimizer.step()
+        return step
+
+    def step():
+        loss = m.train_batch(x, y)
+        m.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optim.step()
+    return step
+
+
+def _loop_fn(name: str, m, x, y, S: int):
+    """The reference way: for each sample, generate its weights and run the module on its share
+    of the batch through functional_call; one backward over the summed loss."""
+    from torch.func import functional_call
+
+    from methods.diversity import gauge_fix, kozachenko_leonenko
+    from methods.losses import task_loss
+    module = m.target.module().train()
+    B = len(x)
+    n = max(S, 2) if name == "hyper-diverse" else S
+    per = B // n
+
+    def step():
+        losses, ws = [], []
+        for s in range(n):
+            w = m.sample_weights(1, m.noise_gen, training=True)  # (1, P)
+            ws.append(w)
+            params = {k: v[0] for k, v in m.target.spec.unflatten(w).items()}
+            out = functional_call(module, params, (x[s * per:(s + 1) * per],))
+            losses.append(task_loss(out, y[s * per:(s + 1) * per], m.splits.task, m.log_noise_std))
+        loss = torch.stack(losses).mean()
+        if name == "hyper-diverse":
+            w = torch.cat(ws)
+            loss = m.hp["lambda_"] * loss - kozachenko_leonenko(gauge_fix(m.target, w), p=1, dim=m.hp["latent_dim"],
+                                                                 constants=False)
+        m.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optim.step()
+    return step
+
+
+def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
+    """One configuration, in this process: step time, flops, loop and memory."""
+    import psutil
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from methods.targets import build_target
+    torch.manual_seed(0)
+    splits = _splits()
+    opts = dict(TARGETS[target_key])
+    target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
+    m = _method(name, target, splits, S)
+    x, y = splits.x_train[:BATCH], splits.y_train[:BATCH]
+    step = _step_fn(name, m, x, y)
+    rss_before = psutil.Process().memory_info().rss
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    t = median_time(step, repeats=5)
+    out = {"method": name, "target": target_key, "S": S if name != "stn" else "per example", "step_s": t,
+           "gflop": flops / 1e9, "step_peak_mb": max(0, peak - rss_before) / 2 ** 20}
+    if name != "stn" and S <= LOOP_MAX_S:
+        out["loop_s"] = median_time(_loop_fn(name, m, x, y, S), repeats=3)
+    return out
+
+
+def measure_sgd(target_key: str) -> dict[str, Any]:
+    from methods.targets import build_target
+    splits = _splits()
+    opts = dict(TARGETS[target_key])
+    target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
+    m = _method("sgd", target, splits, 1)
+    return {"target": target_key, "sgd_step_s": median_time(_step_fn("sgd", m, splits.x_train[:BATCH],
+                                                                      splits.y_train[:BATCH]), repeats=10)}
+
+
+def _in_subprocess(args: list[str]) -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-m", "bench.hypernet_step", "--one", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--one":
+        name, target_key, S = argv[1], argv[2], int(argv[3])
+        result = measure_sgd(target_key) if name == "sgd" else measure_one(name, target_key, S)
+        print(json.dumps(result))
+        return
+    bound = matmul_gflops()
+    rows = []
+    for target_key in TARGETS:
+        sgd = _in_subprocess(["sgd", target_key, "1"])
+        for name in METHODS:
+            for S in (SAMPLES if name != "stn" else (BATCH,)):
+                r = _in_subprocess([name, target_key, str(S)])
+                if "error" in r:
+                    rows.append({"method": name, "target": target_key, "S": S, "error": r["error"]})
+                    continue
+                r["gflop_per_s"] = r["gflop"] / r["step_s"]
+                r["fraction_of_matmul_bound"] = r["gflop_per_s"] / bound
+                r["speedup_vs_loop"] = r["loop_s"] / r["step_s"] if "loop_s" in r else None
+                r["cost_vs_sgd_step"] = r["step_s"] / sgd["sgd_step_s"] if "sgd_step_s" in sgd else None
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    table_rows = [{"method": r["method"], "target": r["target"], "S": r["S"],
+                   "step (ms)": 1e3 * r["step_s"] if "step_s" in r else r.get("error", ""),
+                   "GFLOP/step": r.get("gflop", ""), "GFLOP/s": r.get("gflop_per_s", ""),
+                   "of matmul bound": r.get("fraction_of_matmul_bound", ""),
+                   "loop (ms)": 1e3 * r["loop_s"] if r.get("loop_s") else "-",
+                   "speed-up vs loop": r.get("speedup_vs_loop") or "-",
+                   "x sgd step": r.get("cost_vs_sgd_step") or "-",
+                   "step peak (MB)": r.get("step_peak_mb", "")} for r in rows]
+    text = (f"Matmul bound (torch.mm 2048x2048 float32): {bound:.1f} GFLOP/s. Batch {BATCH}. Targets: "
+            f"at least 50% of the bound for the MLP at S = 256; at least 5x faster than the loop at S = 32.\n\n"
+            + md_table(table_rows))
+    path = write("hypernet_step", {"matmul_gflops": bound, "batch": BATCH, "rows": rows}, text,
+                 "python -m bench.run hypernet_step")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
