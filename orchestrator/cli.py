@@ -214,9 +214,10 @@ def compare(study_dirs, log_time, band, use_mlflow) -> None:
         status = ("finished" if done == expected else f"still running or stopped: {done}/{expected} arm x seed runs ended"
                   if arms else "no arms.json: the study ran under an older hypersweep or has not ended an arm yet")
         b = study["budget"]
-        how = (f"one after another, each on all {b['workers']} worker slots" if b.get("schedule", "sequential") ==
-               "sequential" else f"concurrently, {b['workers'] // len(study['arms'])} of {b['workers']} worker "
-               f"slots each")
+        if b.get("schedule", "sequential") == "sequential":
+            how = f"one after another, each on the whole allocation ({b['workers']} worker slots)"
+        else:
+            how = f"concurrently, {b['workers'] // len(study['arms'])} of {b['workers']} worker slots each"
         text = markdown(study["name"], table, baseline, b["seconds"], how, status)
         (path / "report.md").write_text(text)
         anytime_plot(anytime_curves(df), path / "anytime.png", title=study["name"], log_time=log_time, how=band)

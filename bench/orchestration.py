@@ -1,0 +1,125 @@
+"""Share of the budget spent inside training steps, for a study of two random-search arms on 2
+worker slots, with trials of about 2 s and of about 30 s: hypersweep (`run_study`, budget,
+records, MLflow) against Ray Tune driving the same trainable and search directly in the same
+run (Tuner with time_budget_s, no callbacks). Share = sum of the trials' step_time_s /
+(wall time x worker slots). Targets: at least 90% for 30 s trials; hypersweep's overhead
+within 5% of plain Tune's.
+
+    python -m bench.run orchestration
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import md_table, write
+
+WORKERS = 2
+STEP_S = 1.0  # aim: one report per second of training
+SETTINGS = {"2 s trials": (2.0, 30.0), "30 s trials": (30.0, 90.0)}  # trial length, budget per arm x seed
+
+
+def _epoch_seconds() -> float:
+    import torch
+
+    from methods import data
+    from methods.sgd import SGD
+    from methods.targets import build_target
+    torch.set_num_threads(1)
+    s = data.load("digits", seed=0)
+    m = SGD(build_target("mlp", s.input_shape, 10, hidden=[128, 128]), s, {"batch_size": 32}, seed=0)
+    m.train_epoch()
+    t = time.perf_counter()
+    for _ in range(5):
+        m.train_epoch()
+    return (time.perf_counter() - t) / 5
+
+
+def _study(trial_s: float, budget_s: float, epoch_s: float):
+    from orchestrator.study import parse_study
+    per_step = max(1, round(STEP_S / epoch_s))
+    steps = max(1, round(trial_s / (per_step * epoch_s)))
+    space = {"lr": {"loguniform": [0.01, 0.1]}, "dropout": {"uniform": [0.0, 0.5]}}
+    arm = {"method": "sgd", "search": "random", "num_samples": 1000, "params": {"batch_size": 32}, "space": space}
+    return parse_study({"name": "orchestration", "seed": 1, "dataset": {"name": "digits"},
+                        "model": {"kind": "mlp", "hidden": [128, 128]},
+                        "arms": [dict(arm, name="a"), dict(arm, name="b")],
+                        "budget": {"seconds": budget_s, "workers": WORKERS, "cpus_per_worker": 1},
+                        "training": {"max_epochs": steps * per_step, "epochs_per_step": per_step,
+                                     "checkpoint_every": 1000}})
+
+
+def _hypersweep(study, folder: Path) -> dict:
+    import pandas as pd
+
+    from orchestrator.runner import run_study
+    statuses = run_study(study, folder / "study", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
+    df = pd.read_parquet(folder / "study" / "results.parquet")
+    wall = sum(s.wall_time_used_s for s in statuses)
+    return {"runner": "hypersweep", "wall_s": wall, "inside_steps_s": float(df.step_time_s.sum()),
+            "trials": int(df.groupby(["arm", "trial_id"]).ngroups)}
+
+
+def _plain_tune(study, folder: Path) -> dict:
+    from ray import tune
+
+    from orchestrator.planning import num_samples, plan, searcher, trial_config
+    from workers import trainable_class
+    inside, trials, wall = 0.0, 0, 0.0
+    for unit in plan(study):
+        t = time.monotonic()
+        tuner = tune.Tuner(
+            tune.with_resources(trainable_class("sgd"), {"cpu": 1}),
+            param_space=trial_config(study, unit),
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=searcher(unit),
+                                        num_samples=num_samples(unit), max_concurrent_trials=WORKERS,
+                                        reuse_actors=True, time_budget_s=study.budget.seconds),
+            run_config=tune.RunConfig(name=f"plain-{unit.arm.name}", storage_path=str(folder / "plain"),
+                                      stop={"training_iteration": study.training.max_epochs
+                                            // study.training.epochs_per_step}, verbose=0))
+        grid = tuner.fit()
+        wall += time.monotonic() - t
+        for r in grid:
+            df = r.metrics_dataframe
+            if df is not None and "step_time_s" in df:
+                inside += float(df.step_time_s.sum())
+                trials += 1
+    return {"runner": "plain Ray Tune", "wall_s": wall, "inside_steps_s": inside, "trials": trials}
+
+
+def main() -> None:
+    import os
+
+    from orchestrator.runner import init_ray
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"  # plain Tune keeps its result files (for the step times)
+    init_ray(None, num_cpus=WORKERS)
+    epoch_s = _epoch_seconds()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (trial_s, budget_s) in SETTINGS.items():
+            study = _study(trial_s, budget_s, epoch_s)
+            for run in (_hypersweep, _plain_tune):
+                folder = Path(tmp) / f"{label[:2].strip()}-{run.__name__}"
+                folder.mkdir()
+                r = run(study, folder)
+                r.update(setting=label, budget_per_arm_s=budget_s,
+                         share_inside_steps=r["inside_steps_s"] / (r["wall_s"] * WORKERS))
+                rows.append(r)
+                print(r, flush=True)
+    by = {(r["setting"], r["runner"]): r for r in rows}
+    for label in SETTINGS:
+        h, p = by[(label, "hypersweep")], by[(label, "plain Ray Tune")]
+        h["overhead_vs_plain_tune"] = (1 - h["share_inside_steps"]) - (1 - p["share_inside_steps"])
+    cols = ["setting", "runner", "budget_per_arm_s", "wall_s", "inside_steps_s", "share_inside_steps", "trials",
+            "overhead_vs_plain_tune"]
+    text = (f"Two random-search arms x 1 seed, {WORKERS} worker slots, sgd on digits (MLP 128-128), reports every "
+            f"~{STEP_S:g} s. Share = time inside training steps / (wall time x slots). Targets: >= 90% for 30 s "
+            "trials; hypersweep's overhead (1 - share) within 5 points of plain Tune's.\n\n"
+            + md_table([{k: r.get(k, "") for k in cols} for r in rows]))
+    path = write("orchestration", {"rows": rows, "epoch_s": epoch_s}, text, "python -m bench.run orchestration")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
