@@ -177,3 +177,19 @@ def test_stn_raises_regularisation_only_where_it_helps():
         assert noisy["dropout_in"] > 0.3, (seed, learned)
         assert clean["dropout_in"] < 0.08, (seed, learned)
         assert np.mean(list(noisy.values())) > 1.5 * np.mean(list(clean.values())), (seed, learned)
+
+
+def test_stn_alexnet_on_cifar_shaped_images():
+    """The CIFAR net (small fc here) with all 15 hyperparameters: one training and one validation step."""
+    x = torch.rand(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    xs = (x - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)
+    splits = Splits("cifar-like", "classification", 10, xs, y, xs[:32], y[:32], xs[:32], y[:32],
+                    x_mean=mean * 255, x_std=std * 255, x_scale=255.0)
+    net = build_target("alexnet", (3, 32, 32), 10, fc_hidden=32)
+    m = STN(net, splits, {"tune": "dropout,input_noise,jitter,cutout", "batch_size": 32, "warmup_epochs": 0}, seed=0)
+    assert len(m.space) == 15
+    u = m.u.detach().clone()
+    m.train_epoch()
+    assert not torch.equal(u, m.u) and math.isfinite(m.evaluate("val")["loss"])
