@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from methods.alternating import AlternatingTuner
 from methods.data import Splits
 from methods.hparams import HParam, resolve
 from methods.losses import metrics, task_loss
@@ -75,7 +76,7 @@ class ResponseNet(nn.Module):
         return self.base + self.bound * self.out(h)
 
 
-class HyperHPO:
+class HyperHPO(AlternatingTuner):
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu"):
         if not isinstance(target, MLP):
@@ -99,8 +100,7 @@ class HyperHPO:
         self.optimizers = {"hypernet": torch.optim.Adam(params, lr=self.hp["lr"]),
                            "hyper": torch.optim.Adam([self.u], lr=self.hp["hyper_lr"])}
         self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
-        self.epoch, self.steps, self.val_cursor = 0, 0, 0
-        self.val_perm = torch.randperm(len(self.data["val"][0]), generator=self.data_gen)
+        self._init_loop(self.hp["hyper_every"], 1)
 
     def _value(self, values: torch.Tensor, name: str) -> torch.Tensor | None:
         return self.space.column(values, name)
@@ -129,40 +129,15 @@ class HyperHPO:
         out = self.target.forward(w, xs)
         loss = task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std) \
             + self.penalty(w, values).mean() / len(self.data["train"][0])
-        self._step("hypernet", loss)
+        self._step(("hypernet",), loss)
         return float(loss.detach())
 
     def val_step(self) -> float:
-        xv, yv = self.data["val"]
-        B = min(self.hp["batch_size"], len(xv))
-        if self.val_cursor + B > len(xv):
-            self.val_perm = torch.randperm(len(xv), generator=self.data_gen)
-            self.val_cursor = 0
-        idx = self.val_perm[self.val_cursor:self.val_cursor + B].to(self.device)
-        self.val_cursor += B
-        out = self.target.forward(self.hypernet(self.u[None]), xv[idx])
-        loss = task_loss(out, yv[idx][None], self.splits.task, self.log_noise_std)
-        self._step("hyper", loss)
+        xv, yv = self.val_batch()
+        out = self.target.forward(self.hypernet(self.u[None]), xv)
+        loss = task_loss(out, yv[None], self.splits.task, self.log_noise_std)
+        self._step(("hyper",), loss)
         return float(loss.detach())
-
-    def _step(self, name: str, loss: torch.Tensor) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizers[name].step()
-
-    def train_epoch(self) -> float:
-        x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        warm = self.epoch < self.hp["warmup_epochs"]
-        total = 0.0
-        for idx in perm.split(self.hp["batch_size"]):
-            total += self.train_step(x[idx], y[idx]) * len(idx)
-            self.steps += 1
-            if not warm and self.steps % self.hp["hyper_every"] == 0:
-                self.val_step()
-        self.epoch += 1
-        return total / len(x)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -178,24 +153,11 @@ class HyperHPO:
             out["hp/weight_decay"] = 10.0 ** out["hp/log10_weight_decay"]
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"hypernet": self.hypernet.state_dict(), "u": self.u.detach().clone(),
-                "log_noise_std": self.log_noise_std.detach().clone(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "epoch": self.epoch, "steps": self.steps, "val_cursor": self.val_cursor, "val_perm": self.val_perm,
-                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+    def model_state(self) -> dict[str, Any]:
+        return {"hypernet": self.hypernet.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_model_state(self, state: Mapping[str, Any]) -> None:
         self.hypernet.load_state_dict(state["hypernet"])
-        with torch.no_grad():
-            self.u.copy_(state["u"])
-            self.log_noise_std.copy_(state["log_noise_std"])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        self.epoch, self.steps, self.val_cursor = int(state["epoch"]), int(state["steps"]), int(state["val_cursor"])
-        self.val_perm = state["val_perm"].clone()
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
 
 
 METHOD = HyperHPO

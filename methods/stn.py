@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from methods.alternating import AlternatingTuner
 from methods.augment import color_jitter, cutout
 from methods.data import Splits
 from methods.hparams import HParam, resolve
@@ -104,7 +105,7 @@ def inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class STN:
+class STN(AlternatingTuner):
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu"):
         self.target, self.splits, self.device = target, splits, torch.device(device)
@@ -131,8 +132,7 @@ class STN:
         self.optimizers["scale"] = torch.optim.Adam([self.s], lr=self.hp["scale_lr"])
         self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
         self.drop_cols = [self.space.index[n] for n in dropout_names(target.n_dropout_sites) if n in self.space.index]
-        self.epoch, self.steps, self.val_cursor = 0, 0, 0
-        self.val_perm = torch.randperm(len(self.data["val"][0]), generator=self.data_gen)
+        self._init_loop(self.hp["train_steps"], self.hp["val_steps"])
 
     # --- hyperparameters -----------------------------------------------------------------
     def values(self) -> torch.Tensor:
@@ -182,13 +182,6 @@ class STN:
         self.net.train()
         return self._loss(self.net(xr, self.net_input(lam), rates, True, self.noise_gen), y)
 
-    def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for name in names:
-            self.optimizers[name].step()
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         B = len(x)
         if self.delta:
@@ -202,32 +195,13 @@ class STN:
         return float(loss.detach())
 
     def val_step(self) -> float:
-        xv, yv = self.data["val"]
-        B = min(self.hp["batch_size"], len(xv))
-        if self.val_cursor + B > len(xv):
-            self.val_perm = torch.randperm(len(xv), generator=self.data_gen)
-            self.val_cursor = 0
-        idx = self.val_perm[self.val_cursor:self.val_cursor + B].to(self.device)
-        self.val_cursor += B
+        xv, yv = self.val_batch()
+        B = len(xv)
         lam = self.perturbed(B) if self.hp["tune_scales"] else self.u.expand(B, -1)
         self.net.eval()  # no dropout, no augmentation: the response gradient only
-        loss = self._loss(self.net(xv[idx], self.net_input(lam)), yv[idx]) - self.hp["entropy_weight"] * self.entropy()
+        loss = self._loss(self.net(xv, self.net_input(lam)), yv) - self.hp["entropy_weight"] * self.entropy()
         self._step(("hyper", "scale") if self.hp["tune_scales"] else ("hyper",), loss)
         return float(loss.detach())
-
-    def train_epoch(self) -> float:
-        x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        warm = self.epoch < self.hp["warmup_epochs"]
-        total = 0.0
-        for idx in perm.split(self.hp["batch_size"]):
-            total += self.train_step(x[idx], y[idx]) * len(idx)
-            self.steps += 1
-            if not warm and self.steps % self.hp["train_steps"] == 0:
-                for _ in range(self.hp["val_steps"]):
-                    self.val_step()
-        self.epoch += 1
-        return total / len(x)
 
     # --- evaluation and records ---------------------------------------------------------------
     @torch.no_grad()
@@ -248,24 +222,13 @@ class STN:
         out.update({f"hp_scale/{n}": float(v) for n, v in zip(self.space.names, scales)})
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "u": self.u.detach().clone(), "s": self.s.detach().clone(),
-                "log_noise_std": self.log_noise_std.detach().clone(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "epoch": self.epoch, "steps": self.steps, "val_cursor": self.val_cursor, "val_perm": self.val_perm,
-                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+    def model_state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "s": self.s.detach().clone()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_model_state(self, state: Mapping[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         with torch.no_grad():
-            for name in ("u", "s", "log_noise_std"):
-                getattr(self, name).copy_(state[name])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        self.epoch, self.steps, self.val_cursor = int(state["epoch"]), int(state["steps"]), int(state["val_cursor"])
-        self.val_perm = state["val_perm"].clone()
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
+            self.s.copy_(state["s"])
 
 
 METHOD = STN

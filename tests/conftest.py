@@ -25,3 +25,18 @@ def _torch_threads():
     import torch
     torch.set_num_threads(1)  # the same numbers and speed on every machine
     yield
+
+
+def run_study_file(folder: Path, study: dict, name: str = "study") -> tuple[Path, str]:
+    """Write `study` as YAML in `folder`, run it through the CLI on the session's Ray, and
+    return (study directory, MLflow URI); fails the test with the CLI's output otherwise."""
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["run", str(folder / f"{name}.yaml"), "--study-dir", str(folder / "sd"),
+                                       "--tracking-uri", uri, "--no-live"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return folder / "sd", uri

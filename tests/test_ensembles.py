@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from methods import data
 from methods.diversity import gauge_fix
 from methods.ensembles import evaluate_ensemble, polyak_average
 from methods.targets import MLP
+from conftest import run_study_file
 from orchestrator.cli import main
 
 
@@ -110,13 +110,7 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def ensembled_study(tmp_path_factory, ray_session):
-    tmp = tmp_path_factory.mktemp("ens")
-    (tmp / "ens.yaml").write_text(yaml.safe_dump(STUDY))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = CliRunner().invoke(main, ["run", str(tmp / "ens.yaml"), "--study-dir", str(tmp / "sd"),
-                                       "--tracking-uri", uri, "--no-live"])
-    assert result.exit_code == 0, result.output + str(result.exception)
-    return tmp / "sd", uri
+    return run_study_file(tmp_path_factory.mktemp("ens"), STUDY)
 
 
 def test_arm_ensembles_are_written_and_recorded(ensembled_study):

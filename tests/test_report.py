@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from orchestrator.budget import Budget, FakeClock, tolerance
+from conftest import run_study_file
 from orchestrator.cli import main
 from orchestrator.report import aggregate, anytime_curves, arm_table, on_grid
 
@@ -83,7 +83,7 @@ SEARCH_STUDY = {
          "space": SPACE},
         {"name": "tpe", "method": "sgd", "search": "tpe", "num_samples": 3, "params": {"batch_size": 64}, "space": SPACE},
         {"name": "gp", "method": "sgd", "search": "gp", "num_samples": 3, "params": {"batch_size": 64}, "space": SPACE},
-        {"name": "asha", "method": "sgd", "search": "random", "num_samples": 4, "scheduler": "asha",
+        {"name": "asha", "method": "sgd", "search": "random", "num_samples": 6, "scheduler": "asha",
          "scheduler_options": {"grace_period": 1, "reduction_factor": 2}, "params": {"batch_size": 64}, "space": SPACE},
         {"name": "pbt", "method": "sgd", "search": "random", "num_samples": 2, "scheduler": "pbt",
          "scheduler_options": {"perturbation_interval": 2}, "params": {"batch_size": 64}, "space": SPACE},
@@ -95,20 +95,14 @@ SEARCH_STUDY = {
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, ray_session):
-    tmp = tmp_path_factory.mktemp("searches")
-    (tmp / "s.yaml").write_text(yaml.safe_dump(SEARCH_STUDY))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    r = CliRunner().invoke(main, ["run", str(tmp / "s.yaml"), "--study-dir", str(tmp / "sd"), "--tracking-uri", uri,
-                                  "--no-live"])
-    assert r.exit_code == 0, r.output + str(r.exception)
-    return tmp / "sd", uri
+    return run_study_file(tmp_path_factory.mktemp("searches"), SEARCH_STUDY)
 
 
 def test_every_search_runs_with_the_right_trials_and_records(searched):
     study_dir, uri = searched
     df = pd.read_parquet(study_dir / "results.parquet")
     trials = df.groupby("arm").trial_id.nunique().to_dict()
-    assert trials == {"grid": 4, "random": 3, "tpe": 3, "gp": 3, "asha": 4, "pbt": 2}
+    assert trials == {"grid": 4, "random": 3, "tpe": 3, "gp": 3, "asha": 6, "pbt": 2}
     steps = df.groupby(["arm", "trial_id"]).step.max()
     assert (steps.loc["grid"] == 4).all() and (steps.loc["tpe"] == 4).all()
     assert (steps.loc["asha"] < 4).any()  # ASHA stopped some trials early
@@ -149,11 +143,7 @@ def test_concurrent_schedule_runs_arms_side_by_side(tmp_path, ray_session):
                        "space": SPACE}],
              "budget": {"seconds": 30, "workers": 2, "schedule": "concurrent"},
              "training": {"max_epochs": 3, "epochs_per_step": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(study))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml"), "--study-dir", str(tmp_path / "sd"),
-                                  "--tracking-uri", uri, "--no-live"])
-    assert r.exit_code == 0, r.output + str(r.exception)
+    _, uri = run_study_file(tmp_path, study)
     df = pd.read_parquet(tmp_path / "sd" / "results.parquet")
     assert df.groupby("arm").trial_id.nunique().to_dict() == {"a": 3, "b": 3}
     from mlflow.tracking import MlflowClient

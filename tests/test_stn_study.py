@@ -4,10 +4,8 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
-from click.testing import CliRunner
 
-from orchestrator.cli import main
+from conftest import run_study_file
 from orchestrator.planning import replay_schedule
 from orchestrator.study import StudyError, parse_study
 
@@ -28,13 +26,7 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def stn_study(tmp_path_factory, ray_session):
-    tmp = tmp_path_factory.mktemp("stn")
-    (tmp / "s.yaml").write_text(yaml.safe_dump(STUDY))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    r = CliRunner().invoke(main, ["run", str(tmp / "s.yaml"), "--study-dir", str(tmp / "sd"), "--tracking-uri", uri,
-                                  "--no-live"])
-    assert r.exit_code == 0, r.output + str(r.exception)
-    return tmp / "sd", uri
+    return run_study_file(tmp_path_factory.mktemp("stn"), STUDY)
 
 
 def test_schedules_are_recorded_and_replayed(stn_study):
