@@ -60,8 +60,10 @@ def validate(study_file: str) -> None:
 @click.option("--address", help="Ray cluster address (e.g. auto, or HOST:6379); default: a local Ray on this machine's CPUs.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the study's tracking.uri, MLFLOW_TRACKING_URI, sqlite:///mlflow.db).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Override dataset.root for file-based data sets.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any study key (dotted; the value is YAML), e.g. --set budget.gpus_per_worker=0.")
 @click.option("--live/--no-live", default=True, help="Live progress table (default on).")
-def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root, live) -> None:
+def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root, sets, live) -> None:
     """Run every arm x seed of a study on Ray, each with the same wall-clock budget.
 
     \b
@@ -71,6 +73,15 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     from orchestrator.study import StudyError, load_study
     overrides = {k: v for k, v in {"budget.seconds": budget_s, "seeds": seeds, "dataset.root": data_root}.items()
                  if v is not None}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.startswith("arms"):
+            _bad_input(f"--set {item!r}: expected KEY=VALUE with a dotted study key outside arms (e.g. budget.workers=4)")
+        import yaml
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            _bad_input(f"--set {item!r}: the value is not valid YAML")
     try:
         study = load_study(study_file, overrides)
     except StudyError as e:

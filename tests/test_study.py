@@ -136,3 +136,15 @@ def test_shipped_configs_validate(path):
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert ": ok: study" in result.output
+
+
+def test_set_overrides_any_key_and_reports_bad_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = CONFIGS / "quickstart.yaml"
+    r = CliRunner().invoke(main, ["run", str(quick), "--set", "budget.cpus_per_worker=64", "--study-dir", "sd"])
+    assert r.exit_code == 2 and "budget.cpus_per_worker: 64" in r.output and not (tmp_path / "sd").exists()
+    r = CliRunner().invoke(main, ["run", str(quick), "--set", "budget.cpu=2", "--study-dir", "sd"])
+    assert r.exit_code == 2 and "budget.cpu: unknown key" in r.output
+    r = CliRunner().invoke(main, ["run", str(quick), "--set", "arms.0.method=x"])
+    assert r.exit_code == 2 and "outside arms" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
