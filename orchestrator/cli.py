@@ -196,8 +196,10 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
 @click.option("--log-time", is_flag=True, help="Logarithmic time axis in anytime.png.")
 @click.option("--band", type=click.Choice(["median", "mean"]), default="median", show_default=True,
               help="median with the interquartile band, or mean with a 95% confidence interval.")
+@click.option("--last", "last_k", type=click.IntRange(min=0), default=0,
+              help="Also the test metric averaged over the best trial's last K reports (mean +- s.e. over seeds).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Log report.md and anytime.png on the study's parent run.")
-def compare(study_dirs, log_time, band, use_mlflow) -> None:
+def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
     """Compare the arms of one or more studies (finished or still running): writes
     STUDY/report.md (per arm: final best val loss over seeds, test metric at best val, time
     to reach the best black-box arm's final val loss, wall time used, trials) and
@@ -219,7 +221,7 @@ def compare(study_dirs, log_time, band, use_mlflow) -> None:
         loaded.append((path, df, arms, study))
     texts = []
     for path, df, arms, study in loaded:
-        table, baseline = arm_table(df, arms)
+        table, baseline = arm_table(df, arms, last_k)
         expected = len(study["arms"]) * study["seeds"]
         done = sum(a["status"] in ("done", "failed") for a in arms.values())
         status = ("finished" if done == expected else f"still running or stopped: {done}/{expected} arm x seed runs ended"

@@ -69,11 +69,24 @@ def time_to_reach(curve: pd.DataFrame, target: float) -> float:
     return float(hit.t.iloc[0]) if len(hit) else math.nan
 
 
-def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None) -> tuple[pd.DataFrame, str | None]:
+def last_reports(df: pd.DataFrame, arm: str, k: int, column: str) -> tuple[float, float]:
+    """Per seed, the mean of `column` over the best trial's last k reports; then the mean and
+    standard error over seeds (the UCI protocol's "average over the last epochs")."""
+    per_seed = []
+    for _, g in df[df.arm == arm].groupby("seed_index"):
+        best = g.loc[g.val_loss.idxmin(), "trial_id"]
+        per_seed.append(g[g.trial_id == best].sort_values("step")[column].tail(k).mean())
+    v = np.asarray(per_seed, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+
+def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None,
+              last_k: int = 0) -> tuple[pd.DataFrame, str | None]:
     """One row per arm: final best val loss (median and IQR over seeds), test metric at the best
     val report (median), time to reach the best black-box arm's final val loss (median over
-    seeds; 'never' counts as missing), wall time used and trials (median). `arms`: the
-    per-arm x seed records of arms.json. Returns the table and the baseline arm's name."""
+    seeds; 'never' counts as missing), wall time used and trials (median); with `last_k`, the
+    test metric averaged over the best trial's last k reports (mean +- s.e. over seeds).
+    `arms`: the per-arm x seed records of arms.json. Returns the table and the baseline arm."""
     q = quality(df)
     curves = anytime_curves(df)
     finals = curves.groupby(["arm", "seed_index"]).last()
@@ -97,6 +110,9 @@ def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None) -
                      "seeds reaching baseline": f"{len(reached)}/{len(reach)}",
                      "wall time used (s, median)": float(np.median(used)) if used else math.nan,
                      "trials (median)": float(trials.median())})
+        if last_k:
+            mean, se = last_reports(df, arm, last_k, f"test_{q}")
+            rows[-1][f"test_{q}, last {last_k} reports (mean +- s.e. over seeds)"] = f"{mean:.4g} +- {se:.2g}"
     return pd.DataFrame(rows), baseline
 
 

@@ -57,6 +57,10 @@ def test_arm_table_time_to_baseline():
     assert math.isnan(t.loc["rand", "time to baseline (s, median)"])
     assert t.loc["bo", "final best val_loss (median)"] == 0.5 and t.loc["bo", "wall time used (s, median)"] == 100.5
     assert t.loc["stn", "test_error at best val (median)"] == 0.1 and t.loc["bo", "trials (median)"] == 2
+    df = pd.DataFrame(rows).assign(step=lambda d: d.arm_time_s)
+    last, _ = arm_table(df, arms, last_k=2)
+    # bo: best trial "b" has one report per seed (0.2): mean 0.2, s.e. 0
+    assert last.set_index("arm").loc["bo", "test_error, last 2 reports (mean +- s.e. over seeds)"] == "0.2 +- 0"
 
 
 def test_budget_tolerance_with_a_fake_clock():
