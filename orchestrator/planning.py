@@ -4,6 +4,7 @@ Kept free of Ray imports at module level, so planning can be tested and `validat
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,10 @@ def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
     schedule = [[0, {n: float(hp["init_dropout"] if n.startswith("dropout") else hp["init_input_noise"])
                      for n in names}]]
     for epoch, values in zip(trial.epoch, trial[[f"hp/{n}" for n in names]].to_dict("records")):
-        schedule.append([int(epoch), {n: float(values[f"hp/{n}"]) for n in names}])
+        entry = {n: float(values[f"hp/{n}"]) for n in names}
+        if not all(math.isfinite(v) for v in entry.values()):
+            break  # a diverged STN: the schedule ends with its last finite values
+        schedule.append([int(epoch), entry])
     return schedule
 
 

@@ -59,6 +59,8 @@ def test_replay_schedule_from_rows():
     schedule = replay_schedule(rows, {"init_dropout": 0.02})
     assert schedule == [[0, {"dropout_in": 0.02, "input_noise": 0.05}], [2, {"dropout_in": 0.1, "input_noise": 0.3}],
                         [4, {"dropout_in": 0.2, "input_noise": 0.4}]]
+    rows.loc[1, "hp/input_noise"] = float("nan")  # the STN diverged after epoch 2: replay stops there
+    assert replay_schedule(rows, {})[-1] == [2, {"dropout_in": 0.1, "input_noise": 0.3}]
 
 
 @pytest.mark.parametrize("change,message", [

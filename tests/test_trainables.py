@@ -69,3 +69,12 @@ def test_contract(method, dataset, tmp_path):
     assert _metrics(a.train())["val_loss"] == _metrics(c.train())["val_loss"]
     for t in (a, b, c):
         t.stop()
+
+
+def test_a_diverged_trial_fails_instead_of_reporting_nan():
+    t = trainable_class("sgd")(config=_config("sgd"))
+    t.train()
+    t.method.train_epoch = lambda: float("nan")  # what a blown-up run returns
+    with pytest.raises(FloatingPointError, match="training diverged: non-finite training loss"):
+        t.train()
+    t.stop()

@@ -22,6 +22,7 @@ optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from typing import Any
@@ -102,8 +103,11 @@ class MethodTrainable(tune.Trainable):
             if deadline is not None and time.time() >= deadline:
                 break
             losses.append(self.method.train_epoch())
-        report = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch": self.method.epoch,
-                  "epochs_this_step": len(losses)}
+        train_loss = sum(losses) / len(losses) if losses else float("nan")
+        if losses and not math.isfinite(train_loss):
+            # A diverged run would report NaN to the end of its budget: fail the trial instead.
+            raise FloatingPointError(f"training diverged: non-finite training loss at epoch {self.method.epoch}")
+        report = {"train_loss": train_loss, "epoch": self.method.epoch, "epochs_this_step": len(losses)}
         for split in ("val", "test"):
             report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
         if hasattr(self.method, "diagnostics"):
