@@ -222,6 +222,8 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
     texts = []
     for path, df, arms, study in loaded:
         table, baseline = arm_table(df, arms, last_k)
+        order = {a["name"]: i for i, a in enumerate(study["arms"])}  # the study file's order
+        table = table.sort_values("arm", key=lambda col: col.map(order)).reset_index(drop=True)
         expected = len(study["arms"]) * study["seeds"]
         done = sum(a["status"] in ("done", "failed") for a in arms.values())
         status = ("finished" if done == expected else f"still running or stopped: {done}/{expected} arm x seed runs ended"
