@@ -46,7 +46,8 @@ def on_grid(curve: pd.DataFrame, grid: np.ndarray, column: str = "best_val_loss"
 
 def aggregate(curves: pd.DataFrame, grid: np.ndarray, how: str = "median") -> pd.DataFrame:
     """Per arm and grid time: center and band over seeds (median and IQR, or mean and 95% CI),
-    over the seeds that have reported by then; `seeds` says how many."""
+    over the seeds that have reported by then (`seeds` says how many; until every seed has
+    reported, the curve can rise when a slower seed joins)."""
     rows = []
     for arm, g in curves.groupby("arm", sort=False):
         values = np.stack([on_grid(c, grid) for _, c in g.groupby("seed_index")])  # (seeds, grid)
@@ -148,6 +149,8 @@ def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool
         ax.fill_between(g.t, g.low, g.high, color=f"C{i}", alpha=0.2)
     if log_time:
         ax.set_xscale("log")
+    if len(agg) and float(agg.low.min()) > 0:
+        ax.set_yscale("log")  # losses span decades: early jumps would flatten the end game
     ax.set_xlabel("arm wall time (s)")
     ax.set_ylabel("best validation loss so far")
     band = "median, interquartile band" if how == "median" else "mean, 95% CI"
