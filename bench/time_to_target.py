@@ -1,5 +1,5 @@
 """Time to target on stn-vs-bo-digits: the wall time each arm needs to reach the final best
-validation loss of the best black-box arm (grid, random, tpe, gp; median over seeds), as a
+validation loss of the best black-box arm (grid, random, tpe, gp) at the same seed, as a
 ratio to the budget, per seed. The STN paper reports beating BayesOpt's best in under a
 quarter of its time on CIFAR-10.
 
@@ -34,21 +34,26 @@ def main(argv: list[str] | None = None) -> None:
     curves = anytime_curves(df)
     finals = curves.groupby(["arm", "seed_index"]).best_val_loss.last()
     searches = df.groupby("arm").search.first()
-    medians = finals.groupby("arm").median()
-    black_box = medians[[a for a in medians.index if searches[a] in BLACK_BOX]]
-    baseline, target = black_box.idxmin(), float(black_box.min())
+    black_box = [a for a in searches.index if searches[a] in BLACK_BOX]
+    seeds = [int(s) for s in sorted(df.seed_index.unique())]
+    # Per seed, the target is the best black-box arm's final best val loss at that seed (arms are paired by seed).
+    targets = {s: float(min(finals.loc[(a, s)] for a in black_box if (a, s) in finals.index)) for s in seeds}
     rows = []
-    for arm in dict.fromkeys(df.arm):
-        ratios = [time_to_reach(c, target) / budget for _, c in curves[curves.arm == arm].groupby("seed_index")]
+    for arm in [a["name"] for a in study["arms"]]:
+        ratios = []
+        for s in seeds:
+            c = curves[(curves.arm == arm) & (curves.seed_index == s)]
+            ratios.append(time_to_reach(c, targets[s]) / budget if len(c) else math.nan)
         hit = [r for r in ratios if not math.isnan(r)]
-        rows.append({"arm": arm, "search": searches[arm],
+        rows.append({"arm": arm, "search": searches.get(arm, ""),
                      "ratio per seed": ", ".join("never" if math.isnan(r) else f"{r:.2f}" for r in ratios),
                      "median ratio (seeds that reached it)": float(np.median(hit)) if hit else "never",
                      "seeds reaching": f"{len(hit)}/{len(ratios)}"})
-    text = (f"Study {study_dir} ({study['name']}, {study['seeds']} seeds, {budget:g} s per arm x seed). Target: "
-            f"{baseline}'s final median best val_loss {target:.4f}. Ratio = time to reach it / budget.\n\n"
-            + md_table(rows))
-    path = write("time_to_target", {"study_dir": str(study_dir), "baseline": baseline, "target": target,
+    text = (f"Study {study_dir} ({study['name']}, {study['seeds']} seeds, {budget:g} s per arm x seed). Target per "
+            f"seed: the best black-box arm's final best val_loss at that seed ("
+            + ", ".join(f"seed {s}: {t:.4f}" for s, t in targets.items()) + "). Ratio = time to reach it / budget; "
+            "the black-box arm that set the target reaches it by definition.\n\n" + md_table(rows))
+    path = write("time_to_target", {"study_dir": str(study_dir), "targets": targets,
                                      "budget_s": budget, "rows": rows}, text,
                  f"python -m bench.run time_to_target {study_dir if argv else ''}".strip())
     print(path.read_text())
