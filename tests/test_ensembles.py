@@ -194,3 +194,17 @@ def test_ensembles_report(ensembled_study, tmp_path):
     assert set(rows) == {"deep", "hml"} and "| 1 | 3 |" in rows["deep"] and "| 1 | 6 |" in rows["hml"]
     r = CliRunner().invoke(main, ["ensembles-report", str(tmp_path)])
     assert r.exit_code == 2 and "no ensembles" in r.output
+
+
+def test_an_arm_cut_by_the_budget_still_gets_its_ensemble(tmp_path, ray_session):
+    """The trial's last report before the deadline asks Tune for a checkpoint, so members can be
+    drawn from the state the budget ended on (an arm stopped by the budget gets no end checkpoint
+    from Tune otherwise)."""
+    study = {"name": "cut", "seed": 1, "dataset": {"name": "digits"}, "model": {"kind": "mlp", "hidden": [16]},
+             "arms": [{"name": "hml", "method": "hyper-ml", "params": {"batch_size": 64, "hyper_hidden": [8]},
+                       "ensemble": {"members": 3}}],
+             "budget": {"seconds": 10, "workers": 1},
+             "training": {"max_epochs": 100000, "epochs_per_step": 1, "checkpoint_every": 100000}}
+    study_dir, _ = run_study_file(tmp_path, study)
+    assert len(pd.read_parquet(study_dir / "ensembles" / "hml-seed0" / "ensemble.parquet")) == 3
+    assert json.loads((study_dir / "arms.json").read_text())["hml/seed0"]["within_budget"]

@@ -112,6 +112,8 @@ class MethodTrainable(tune.Trainable):
             report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
         if hasattr(self.method, "diagnostics"):
             report.update(self.method.diagnostics())
+        if deadline is not None and time.time() >= deadline:
+            report["should_checkpoint"] = True  # the budget ends here: keep this state (ensembles draw from it)
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
         return report
