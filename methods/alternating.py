@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
+from methods.seeding import past
+
 
 class AlternatingTuner:
     def _init_loop(self, train_steps: int, val_steps: int) -> None:
@@ -38,19 +40,22 @@ class AlternatingTuner:
         for name in names:
             self.optimizers[name].step()
 
-    def train_epoch(self) -> float:
+    def train_epoch(self, deadline: float | None = None) -> float:
         """One pass over the training data; after the warm-up, `val_steps` hyperparameter steps
-        follow every `train_steps` training steps."""
+        follow every `train_steps` training steps (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
         perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
         warm = self.epoch < self.hp["warmup_epochs"]
-        total = 0.0
+        total, seen = 0.0, 0
         for idx in perm.split(self.hp["batch_size"]):
             total += self.train_step(x[idx], y[idx]) * len(idx)
+            seen += len(idx)
             self.steps += 1
             if not warm and self.steps % self.train_steps_per_round == 0:
                 for _ in range(self.val_steps_per_round):
                     self.val_step()
+            if past(deadline) and seen < len(x):
+                return total / seen
         self.epoch += 1
         return total / len(x)
 

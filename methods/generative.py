@@ -18,6 +18,7 @@ import torch
 from methods.data import Splits
 from methods.hparams import resolve
 from methods.losses import metrics
+from methods.seeding import past
 from methods.targets import TargetNet
 
 
@@ -40,10 +41,11 @@ class GenerativeMethod:
     def scheduler_step(self) -> None:
         """Called after every optimiser step (e.g. a per-step learning-rate decay)."""
 
-    def train_epoch(self) -> float:
+    def train_epoch(self, deadline: float | None = None) -> float:
+        """One pass (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
         perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        total = torch.zeros((), device=self.device)
+        total, seen = torch.zeros((), device=self.device), 0
         for idx in perm.split(self.hp["batch_size"]):
             loss = self.train_batch(x[idx], y[idx])
             self.optim.zero_grad(set_to_none=True)
@@ -51,6 +53,9 @@ class GenerativeMethod:
             self.optim.step()
             self.scheduler_step()
             total += loss.detach() * len(idx)
+            seen += len(idx)
+            if past(deadline) and seen < len(x):
+                return float(total) / seen
         self.epoch += 1
         return float(total) / len(x)
 

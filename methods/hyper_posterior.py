@@ -132,12 +132,12 @@ class HyperPosterior(GenerativeMethod):
                                    weight_decay=self.hp["weight_decay"])
         return torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
-    def train_epoch(self) -> float:
+    def train_epoch(self, deadline: float | None = None) -> float:
         every = self.hp["lr_step_every"]
-        if every and self.epoch and self.epoch % every == 0:
+        if every:  # a function of the epoch: the same after a restore or a pass split by a deadline
             for group in self.optim.param_groups:
-                group["lr"] *= self.hp["lr_gamma"]
-        return super().train_epoch()
+                group["lr"] = self.hp["lr"] * self.hp["lr_gamma"] ** (self.epoch // every)
+        return super().train_epoch(deadline)
 
     def latent(self, k: int, generator: torch.Generator) -> torch.Tensor:
         shape = (k, self.generator.n_blocks, self.hp["latent_dim"])

@@ -20,6 +20,7 @@ from methods.augment import crop_flip
 from methods.data import Splits
 from methods.hparams import HParam, resolve
 from methods.losses import metrics, task_loss
+from methods.seeding import past
 from methods.targets import TargetNet
 
 
@@ -104,13 +105,15 @@ class SGD:
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task_loss(out, y, self.splits.task, self.log_noise_std)
 
-    def train_epoch(self) -> float:
-        """One pass over the training split; returns the mean training loss."""
+    def train_epoch(self, deadline: float | None = None) -> float:
+        """One pass over the training split; returns the mean training loss. With a `deadline`
+        (time.time()), the pass stops after the minibatch that reaches it and does not count
+        as an epoch."""
         x, y = self.data["train"]
         self._apply_schedule()
         self.module.train()
         perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        total = torch.zeros((), device=self.device)
+        total, seen = torch.zeros((), device=self.device), 0
         for idx in perm.split(self.hp["batch_size"]):
             xb = crop_flip(x[idx], self.noise_gen) if self.hp["augment"] else x[idx]
             loss = self.loss(self.module(xb), y[idx])
@@ -118,6 +121,9 @@ class SGD:
             loss.backward()
             self.optimizer.step()
             total += loss.detach() * len(idx)
+            seen += len(idx)
+            if past(deadline) and seen < len(x):
+                return float(total) / seen
         self.epoch += 1
         return float(total) / len(x)
 

@@ -78,3 +78,23 @@ def test_a_diverged_trial_fails_instead_of_reporting_nan():
     with pytest.raises(FloatingPointError, match="training diverged: non-finite training loss"):
         t.train()
     t.stop()
+
+
+@pytest.mark.parametrize("method", sorted(TRAINABLES))
+def test_a_deadline_ends_an_epoch_between_minibatches(method):
+    """Past the deadline, a pass stops after one minibatch and is not counted as an epoch."""
+    import time
+    t = trainable_class(method)(config=_config(method))
+    m = t.method
+    calls = []
+    step = m.train_step if hasattr(m, "train_step") else (m.train_batch if hasattr(m, "train_batch") else None)
+    if step is not None:
+        name = "train_step" if hasattr(m, "train_step") else "train_batch"
+        setattr(m, name, lambda *a: (calls.append(1), step(*a))[1])
+    loss = m.train_epoch(deadline=time.time() - 1)
+    assert math.isfinite(loss) and m.epoch == 0
+    if step is not None:
+        assert len(calls) == 1
+    m.train_epoch()
+    assert m.epoch == 1
+    t.stop()

@@ -102,7 +102,8 @@ class MethodTrainable(tune.Trainable):
         for _ in range(self.epochs_per_step):
             if deadline is not None and time.time() >= deadline:
                 break
-            losses.append(self.method.train_epoch())
+            # the deadline also ends an epoch between minibatches (a partial pass is not counted)
+            losses.append(self.method.train_epoch(deadline) if deadline is not None else self.method.train_epoch())
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         if losses and not math.isfinite(train_loss):
             # A diverged run would report NaN to the end of its budget: fail the trial instead.
