@@ -26,7 +26,7 @@ from typing import Any
 from ray import tune
 
 from methods.data import task_of
-from orchestrator.budget import Budget, Clock
+from orchestrator.budget import Budget, Clock, tolerance
 from orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
 from orchestrator.plots import schedule_plot
 from orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, scheduler, searcher, trial_config
@@ -48,16 +48,20 @@ PART_EVERY_S = 15.0  # how often a running arm's results part is rewritten
 
 
 class BudgetStopper(tune.Stopper):
-    """Stops a trial at `max_steps` reports, and every trial once the arm's budget is spent."""
+    """Stops a trial at `max_steps` reports or at its first report once the arm's budget is
+    spent (trials end their step at the deadline themselves, so that report comes promptly and
+    carries a checkpoint). The whole experiment is stopped only half the tolerance later, for
+    a trial that does not report: stopping it at the deadline would race those last reports."""
 
     def __init__(self, budget: Budget, max_steps: int):
         self.budget, self.max_steps = budget, max_steps
+        self.grace = tolerance(budget.seconds) / 2
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return result["training_iteration"] >= self.max_steps or self.budget.exhausted()
 
     def stop_all(self) -> bool:
-        return self.budget.exhausted()
+        return self.budget.started and self.budget.elapsed() >= self.budget.seconds + self.grace
 
 
 @dataclass

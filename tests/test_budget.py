@@ -30,4 +30,11 @@ def test_stopper_keeps_the_report_then_stops_everything():
     assert not stop.stop_all()
     clock.advance(10)
     # Tune records the result it passes to the stopper; stopping afterwards loses nothing.
-    assert stop("t2", {"training_iteration": 2}) and stop.stop_all()
+    assert stop("t2", {"training_iteration": 2})
+    # The experiment as a whole stops half the tolerance (max(2%, 5 s) / 2) later, so the
+    # trials' own deadline reports (and their checkpoints) arrive first.
+    assert not stop.stop_all()
+    clock.advance(2.4)
+    assert not stop.stop_all()
+    clock.advance(0.2)
+    assert stop.stop_all()
