@@ -45,7 +45,7 @@ def test_hyper_path_scales_rows_per_example():
 def test_range_transforms_are_inverse():
     space = Space([Tuned("p", 0.0, 0.95, 0.05), Tuned("noise", 0.0, math.inf, 0.3),
                    Tuned("length", 0.0, 25.0, 4.0, discrete=True), Tuned("holes", 0.0, 5.0, 1.0, discrete=True)])
-    u = torch.randn(100, 4) * 3
+    u = torch.randn(100, 4, generator=torch.Generator().manual_seed(0)).clamp(-3, 3) * 2  # float32 sigmoid stays invertible
     assert torch.allclose(space.unproject(space.project(u)), u, atol=1e-3)
     v = torch.tensor([[0.5, 2.0, 12.3, 3.7]])
     assert torch.allclose(space.project(space.unproject(v)), v, atol=1e-5)
