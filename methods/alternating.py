@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from methods.seeding import past
+from methods.passes import minibatch_pass
 
 
 class AlternatingTuner:
@@ -44,20 +44,19 @@ class AlternatingTuner:
         """One pass over the training data; after the warm-up, `val_steps` hyperparameter steps
         follow every `train_steps` training steps (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
         warm = self.epoch < self.hp["warmup_epochs"]
-        total, seen = 0.0, 0
-        for idx in perm.split(self.hp["batch_size"]):
-            total += self.train_step(x[idx], y[idx]) * len(idx)
-            seen += len(idx)
+
+        def step(idx):
+            loss = self.train_step(x[idx], y[idx])
             self.steps += 1
             if not warm and self.steps % self.train_steps_per_round == 0:
                 for _ in range(self.val_steps_per_round):
                     self.val_step()
-            if past(deadline) and seen < len(x):
-                return total / seen
-        self.epoch += 1
-        return total / len(x)
+            return loss
+
+        mean, complete = minibatch_pass(len(x), self.hp["batch_size"], self.data_gen, self.device, step, deadline)
+        self.epoch += complete
+        return mean
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.model_state(), "u": self.u.detach().clone(), "log_noise_std": self.log_noise_std.detach().clone(),

@@ -18,7 +18,7 @@ import torch
 from methods.data import Splits
 from methods.hparams import resolve
 from methods.losses import metrics
-from methods.seeding import past
+from methods.passes import minibatch_pass
 from methods.targets import TargetNet
 
 
@@ -44,20 +44,18 @@ class GenerativeMethod:
     def train_epoch(self, deadline: float | None = None) -> float:
         """One pass (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        total, seen = torch.zeros((), device=self.device), 0
-        for idx in perm.split(self.hp["batch_size"]):
+
+        def step(idx):
             loss = self.train_batch(x[idx], y[idx])
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
             self.optim.step()
             self.scheduler_step()
-            total += loss.detach() * len(idx)
-            seen += len(idx)
-            if past(deadline) and seen < len(x):
-                return float(total) / seen
-        self.epoch += 1
-        return float(total) / len(x)
+            return loss
+
+        mean, complete = minibatch_pass(len(x), self.hp["batch_size"], self.data_gen, self.device, step, deadline)
+        self.epoch += complete
+        return mean
 
     def eval_generator(self) -> torch.Generator:
         # A fixed set of test samples: evaluation does not disturb training's random stream.

@@ -1,8 +1,5 @@
-"""Seeds: one master seed per study, child seeds derived with numpy's SeedSequence.spawn; and
-the wall-clock deadline check the training loops share."""
+"""Seeds: one master seed per study, child seeds derived with numpy's SeedSequence.spawn."""
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -16,7 +13,3 @@ def derived_seed(seed: int, *keys: int) -> int:
     """A child seed of `seed` for the integer keys (e.g. a replica index), independent of it."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
-
-def past(deadline: float | None) -> bool:
-    """Whether a wall-clock deadline (time.time()) has passed; None never passes."""
-    return deadline is not None and time.time() >= deadline

@@ -20,7 +20,7 @@ from methods.augment import crop_flip
 from methods.data import Splits
 from methods.hparams import HParam, resolve
 from methods.losses import metrics, task_loss
-from methods.seeding import past
+from methods.passes import minibatch_pass
 from methods.targets import TargetNet
 
 
@@ -112,20 +112,18 @@ class SGD:
         x, y = self.data["train"]
         self._apply_schedule()
         self.module.train()
-        perm = torch.randperm(len(x), generator=self.data_gen).to(self.device)
-        total, seen = torch.zeros((), device=self.device), 0
-        for idx in perm.split(self.hp["batch_size"]):
+
+        def step(idx):
             xb = crop_flip(x[idx], self.noise_gen) if self.hp["augment"] else x[idx]
             loss = self.loss(self.module(xb), y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.detach() * len(idx)
-            seen += len(idx)
-            if past(deadline) and seen < len(x):
-                return float(total) / seen
-        self.epoch += 1
-        return float(total) / len(x)
+            return loss
+
+        mean, complete = minibatch_pass(len(x), self.hp["batch_size"], self.data_gen, self.device, step, deadline)
+        self.epoch += complete
+        return mean
 
     @torch.no_grad()
     def evaluate(self, split: str, chunk: int = 4096) -> dict[str, float]:
