@@ -31,12 +31,12 @@ LOOP_MAX_S = 32  # the loop reference gets slow beyond this; its target is at S 
 
 
 def _splits():
-    from methods import data
+    from hypersweep.methods import data
     return data.load("mnist-5k", seed=0)
 
 
 def _method(name: str, target, splits, S: int):
-    from methods import method_module
+    from hypersweep.methods import method_module
     hp = {"hyper-ml": {"batch_size": BATCH, "samples_per_step": S},
           "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2), "init_scale": 1.0},
           "hyper-posterior": {"batch_size": BATCH, "samples_per_step": S},
@@ -69,8 +69,8 @@ def _loop_fn(name: str, m, x, y, S: int):
     of the batch through functional_call; one backward over the summed loss."""
     from torch.func import functional_call
 
-    from methods.diversity import gauge_fix, kozachenko_leonenko
-    from methods.losses import task_loss
+    from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
+    from hypersweep.methods.losses import task_loss
     module = m.target.module().train()
     B = len(x)
     n = max(S, 2) if name == "hyper-diverse" else S
@@ -100,7 +100,7 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
     import psutil
     from torch.utils.flop_counter import FlopCounterMode
 
-    from methods.targets import build_target
+    from hypersweep.methods.targets import build_target
     torch.manual_seed(0)
     splits = _splits()
     opts = dict(TARGETS[target_key])
@@ -123,7 +123,7 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
 
 
 def measure_sgd(target_key: str) -> dict[str, Any]:
-    from methods.targets import build_target
+    from hypersweep.methods.targets import build_target
     splits = _splits()
     opts = dict(TARGETS[target_key])
     target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)

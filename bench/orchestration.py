@@ -23,9 +23,9 @@ SETTINGS = {"2 s trials": (2.0, 30.0), "30 s trials": (30.0, 90.0)}  # trial len
 def _epoch_seconds() -> float:
     import torch
 
-    from methods import data
-    from methods.sgd import SGD
-    from methods.targets import build_target
+    from hypersweep.methods import data
+    from hypersweep.methods.sgd import SGD
+    from hypersweep.methods.targets import build_target
     torch.set_num_threads(1)
     s = data.load("digits", seed=0)
     m = SGD(build_target("mlp", s.input_shape, 10, hidden=[128, 128]), s, {"batch_size": 32}, seed=0)
@@ -37,7 +37,7 @@ def _epoch_seconds() -> float:
 
 
 def _study(trial_s: float, budget_s: float, epoch_s: float):
-    from orchestrator.study import parse_study
+    from hypersweep.orchestrator.study import parse_study
     per_step = max(1, round(STEP_S / epoch_s))
     steps = max(1, round(trial_s / (per_step * epoch_s)))
     space = {"lr": {"loguniform": [0.01, 0.1]}, "dropout": {"uniform": [0.0, 0.5]}}
@@ -53,7 +53,7 @@ def _study(trial_s: float, budget_s: float, epoch_s: float):
 def _hypersweep(study, folder: Path) -> dict:
     import pandas as pd
 
-    from orchestrator.runner import run_study
+    from hypersweep.orchestrator.runner import run_study
     statuses = run_study(study, folder / "study", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
     df = pd.read_parquet(folder / "study" / "results.parquet")
     wall = sum(s.wall_time_used_s for s in statuses)
@@ -64,8 +64,8 @@ def _hypersweep(study, folder: Path) -> dict:
 def _plain_tune(study, folder: Path) -> dict:
     from ray import tune
 
-    from orchestrator.planning import num_samples, plan, searcher, trial_config
-    from workers import trainable_class
+    from hypersweep.orchestrator.planning import num_samples, plan, searcher, trial_config
+    from hypersweep.workers import trainable_class
     inside, trials, wall = 0.0, 0, 0.0
     for unit in plan(study):
         t = time.monotonic()
@@ -91,7 +91,7 @@ def _plain_tune(study, folder: Path) -> dict:
 def main() -> None:
     import os
 
-    from orchestrator.runner import init_ray
+    from hypersweep.orchestrator.runner import init_ray
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"  # plain Tune keeps its result files (for the step times)
     init_ray(None, num_cpus=WORKERS)
     epoch_s = _epoch_seconds()

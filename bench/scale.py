@@ -20,12 +20,12 @@ REPORTS = 10
 
 
 def coordinator_cost(n_trials: int, folder: Path) -> dict:
-    from orchestrator.planning import plan
-    from orchestrator.progress import ArmStatus
-    from orchestrator.results import ResultsStore
-    from orchestrator.runner import ArmContext, Recorder
-    from orchestrator.study import parse_study
-    from orchestrator.tracking import Tracker
+    from hypersweep.orchestrator.planning import plan
+    from hypersweep.orchestrator.progress import ArmStatus
+    from hypersweep.orchestrator.results import ResultsStore
+    from hypersweep.orchestrator.runner import ArmContext, Recorder
+    from hypersweep.orchestrator.study import parse_study
+    from hypersweep.orchestrator.tracking import Tracker
     study = parse_study({"name": "scale", "dataset": {"name": "digits"},
                          "arms": [{"name": "a", "method": "sgd", "search": "random", "num_samples": n_trials,
                                    "space": {"lr": {"loguniform": [1e-3, 0.1]}}}],
@@ -59,7 +59,7 @@ def coordinator_cost(n_trials: int, folder: Path) -> dict:
 def mlflow_cost(folder: Path, n: int = 2000) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import Tracker
+    from hypersweep.orchestrator.tracking import Tracker
     uri = f"sqlite:///{folder / 'mlflow-cost.db'}"
     tracker = Tracker(uri, "cost")
     client = MlflowClient(uri)

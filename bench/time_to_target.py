@@ -19,14 +19,14 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stn-vs-bo-digits.yam
 def main(argv: list[str] | None = None) -> None:
     import numpy as np
     argv = sys.argv[1:] if argv is None else argv
-    from orchestrator.report import BLACK_BOX, anytime_curves, load_study_records, time_to_reach
+    from hypersweep.orchestrator.report import BLACK_BOX, anytime_curves, load_study_records, time_to_reach
     if argv:
         study_dir = Path(argv[0])
     else:
         import tempfile
 
-        from orchestrator.runner import run_study
-        from orchestrator.study import load_study
+        from hypersweep.orchestrator.runner import run_study
+        from hypersweep.orchestrator.study import load_study
         study_dir = Path(tempfile.mkdtemp()) / "stn-vs-bo-digits"
         run_study(load_study(CONFIG), study_dir, tracking_uri=f"sqlite:///{study_dir.parent / 'mlflow.db'}", live=False)
     df, arms, study = load_study_records(study_dir)

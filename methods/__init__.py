@@ -11,12 +11,12 @@ import importlib
 from types import ModuleType
 
 METHODS: dict[str, str] = {
-    "sgd": "methods.sgd",
-    "hyper-ml": "methods.hyper_ml",
-    "hyper-diverse": "methods.hyper_diverse",
-    "hyper-posterior": "methods.hyper_posterior",
-    "stn": "methods.stn",
-    "hyper-hpo": "methods.hyper_hpo",
+    "sgd": "hypersweep.methods.sgd",
+    "hyper-ml": "hypersweep.methods.hyper_ml",
+    "hyper-diverse": "hypersweep.methods.hyper_diverse",
+    "hyper-posterior": "hypersweep.methods.hyper_posterior",
+    "stn": "hypersweep.methods.stn",
+    "hyper-hpo": "hypersweep.methods.hyper_hpo",
 }
 
 

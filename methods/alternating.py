@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from methods.passes import minibatch_pass
+from hypersweep.methods.passes import minibatch_pass
 
 
 class AlternatingTuner:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from methods.targets import TargetNet
+from hypersweep.methods.targets import TargetNet
 
 GAUGE_EPS = 1e-8
 

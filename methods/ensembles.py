@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.data import Splits
-from methods.diversity import gauge_fix
-from methods.targets import MLP, SmallCNN, TargetNet
+from hypersweep.methods.data import Splits
+from hypersweep.methods.diversity import gauge_fix
+from hypersweep.methods.targets import MLP, SmallCNN, TargetNet
 
 
 def supports_gauge_fix(target: TargetNet) -> bool:

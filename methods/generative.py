@@ -15,11 +15,11 @@ from typing import Any, Mapping
 
 import torch
 
-from methods.data import Splits
-from methods.hparams import resolve
-from methods.losses import metrics
-from methods.passes import minibatch_pass
-from methods.targets import TargetNet
+from hypersweep.methods.data import Splits
+from hypersweep.methods.hparams import resolve
+from hypersweep.methods.losses import metrics
+from hypersweep.methods.passes import minibatch_pass
+from hypersweep.methods.targets import TargetNet
 
 
 class GenerativeMethod:

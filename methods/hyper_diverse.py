@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.diversity import gauge_fix, kozachenko_leonenko
-from methods.generative import GenerativeMethod
-from methods.hparams import HParam
-from methods.losses import task_loss
-from methods.targets import TargetNet
+from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
+from hypersweep.methods.generative import GenerativeMethod
+from hypersweep.methods.hparams import HParam
+from hypersweep.methods.losses import task_loss
+from hypersweep.methods.targets import TargetNet
 
 LEAK = 0.05
 

@@ -22,12 +22,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from methods.alternating import AlternatingTuner
-from methods.data import Splits
-from methods.hparams import HParam, resolve
-from methods.losses import metrics, task_loss
-from methods.targets import MLP, TargetNet
-from methods.tuned import Space, Tuned
+from hypersweep.methods.alternating import AlternatingTuner
+from hypersweep.methods.data import Splits
+from hypersweep.methods.hparams import HParam, resolve
+from hypersweep.methods.losses import metrics, task_loss
+from hypersweep.methods.targets import MLP, TargetNet
+from hypersweep.methods.tuned import Space, Tuned
 
 TUNABLE = ("weight_decay", "input_noise")
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.generative import GenerativeMethod
-from methods.hparams import HParam
-from methods.losses import task_loss
-from methods.targets import MLP, TargetNet, sample_dropout
+from hypersweep.methods.generative import GenerativeMethod
+from hypersweep.methods.hparams import HParam
+from hypersweep.methods.losses import task_loss
+from hypersweep.methods.targets import MLP, TargetNet, sample_dropout
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:

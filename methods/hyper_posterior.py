@@ -19,7 +19,7 @@ with h a small trunk per z (hidden size `hidden`). The generator adds H x (out +
 tensor on top of the base weights, against out x in x k x k in the tensor itself, so it grows
 linearly in the width while the target grows quadratically: WRN-16-4 (2.75M weights) gets
 0.52M generator weights besides its base (19%), WRN-28-10 (36.5M) 2.4M (7%), with the default
-hidden 64 and latent 32 (`python -m methods.hyper_posterior` prints these).
+hidden 64 and latent 32 (`python -m hypersweep.methods.hyper_posterior` prints these).
 Samples are correlated across all weights of a tensor and, through the shared trunk, across
 layers. Because convolutions are linear in every input channel, such weights need not be
 built: conv(x * c, B) * r equals conv(x, B * r (x) c), so a training step with one weight
@@ -34,11 +34,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from methods.augment import crop_flip
-from methods.generative import GenerativeMethod
-from methods.hparams import HParam
-from methods.losses import task_loss
-from methods.targets import ParamSpec, TargetNet, rank1_shapes, rank1_weights
+from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.generative import GenerativeMethod
+from hypersweep.methods.hparams import HParam
+from hypersweep.methods.losses import task_loss
+from hypersweep.methods.targets import ParamSpec, TargetNet, rank1_shapes, rank1_weights
 
 PRIORS = ("uniform", "normal", "uniform-sym", "half-normal")
 SHARING = ("all-in-one", "block-wise")
@@ -179,7 +179,7 @@ METHOD = HyperPosterior
 
 
 if __name__ == "__main__":
-    from methods.targets import build_target
+    from hypersweep.methods.targets import build_target
     for depth, width in ((16, 4), (28, 10)):
         net = build_target("resnet", (3, 32, 32), 10, depth=depth, width=width)
         gen = PosteriorGenerator(net, 32, 64, "all-in-one", torch.Generator().manual_seed(0))

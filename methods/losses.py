@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods.data import Splits
+from hypersweep.methods.data import Splits
 
 
 def gaussian_nll(mean: torch.Tensor, y: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

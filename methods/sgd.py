@@ -16,12 +16,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from methods.augment import crop_flip
-from methods.data import Splits
-from methods.hparams import HParam, resolve
-from methods.losses import metrics, task_loss
-from methods.passes import minibatch_pass
-from methods.targets import TargetNet
+from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.data import Splits
+from hypersweep.methods.hparams import HParam, resolve
+from hypersweep.methods.losses import metrics, task_loss
+from hypersweep.methods.passes import minibatch_pass
+from hypersweep.methods.targets import TargetNet
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:

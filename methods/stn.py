@@ -32,14 +32,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from methods.alternating import AlternatingTuner
-from methods.augment import color_jitter, cutout
-from methods.data import Splits
-from methods.hparams import HParam, resolve
-from methods.losses import metrics, task_loss
-from methods.stn_layers import build_stn_net
-from methods.targets import TargetNet
-from methods.tuned import Space, Tuned
+from hypersweep.methods.alternating import AlternatingTuner
+from hypersweep.methods.augment import color_jitter, cutout
+from hypersweep.methods.data import Splits
+from hypersweep.methods.hparams import HParam, resolve
+from hypersweep.methods.losses import metrics, task_loss
+from hypersweep.methods.stn_layers import build_stn_net
+from hypersweep.methods.targets import TargetNet
+from hypersweep.methods.tuned import Space, Tuned
 
 GROUPS = ("dropout", "input_noise", "jitter", "cutout")
 VARIANTS = ("stn", "delta-stn")

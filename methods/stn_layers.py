@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.targets import MLP, AlexNet, SmallCNN, TargetNet
+from hypersweep.methods.targets import MLP, AlexNet, SmallCNN, TargetNet
 
 BOTTLENECK_STD = 0.01
 

@@ -40,8 +40,8 @@ def validate(study_file: str) -> None:
     Example:
       hypersweep validate configs/quickstart.yaml
     """
-    from orchestrator.planning import plan
-    from orchestrator.study import StudyError, load_study
+    from hypersweep.orchestrator.planning import plan
+    from hypersweep.orchestrator.study import StudyError, load_study
     try:
         study = load_study(study_file)
     except StudyError as e:
@@ -70,7 +70,7 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     Example:
       hypersweep run configs/quickstart.yaml --budget-s 20 --study-dir studies/qs
     """
-    from orchestrator.study import StudyError, load_study
+    from hypersweep.orchestrator.study import StudyError, load_study
     overrides = {k: v for k, v in {"budget.seconds": budget_s, "seeds": seeds, "dataset.root": data_root}.items()
                  if v is not None}
     for item in sets:
@@ -86,13 +86,13 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
         study = load_study(study_file, overrides)
     except StudyError as e:
         _bad_input(str(e).replace("budget.seconds", "--budget-s / budget.seconds") if budget_s is not None else str(e))
-    from methods.data import DataNotFoundError, check_available
+    from hypersweep.methods.data import DataNotFoundError, check_available
     try:
         check_available(study.dataset.name, study.dataset.root)
     except DataNotFoundError as e:
         _bad_input(str(e))
-    from orchestrator.runner import default_study_dir, run_study
-    from orchestrator.tracking import resolve_tracking_uri
+    from hypersweep.orchestrator.runner import default_study_dir, run_study
+    from hypersweep.orchestrator.tracking import resolve_tracking_uri
     target = Path(study_dir) if study_dir else default_study_dir(study)
     if target.exists():
         _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
@@ -116,7 +116,7 @@ def download(dataset: str, data_root: str) -> None:
     Example:
       hypersweep download mnist --data-root ~/data
     """
-    from methods.data import download as fetch
+    from hypersweep.methods.data import download as fetch
     try:
         path = fetch(dataset, data_root)
     except ValueError as e:
@@ -138,7 +138,7 @@ def _print_rows(rows: list[dict], title: str) -> None:
 def _tracker_for(uri: str | None, enabled: bool):
     if not (enabled and uri):
         return None
-    from orchestrator.tracking import Tracker
+    from hypersweep.orchestrator.tracking import Tracker
     return Tracker(uri, None)
 
 
@@ -161,7 +161,7 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
     Example:
       hypersweep ensemble studies/qs --members 16 --arm hyper-diverse
     """
-    from orchestrator.ensembles import (Compute, EnsembleError, find_trials, groups, member_sources, run_ensemble,
+    from hypersweep.orchestrator.ensembles import (Compute, EnsembleError, find_trials, groups, member_sources, run_ensemble,
                                         table)
     root = Path(path)
     try:
@@ -177,7 +177,7 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
     if taken:
         _bad_input(f"{taken[0]} already holds an ensemble; records are never overwritten, pass --out NEW_FOLDER")
     if address:
-        from orchestrator.runner import init_ray
+        from hypersweep.orchestrator.runner import init_ray
         init_ray(address)
     compute = Compute(use_ray=bool(address))
     results = {}
@@ -209,7 +209,7 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
     Example:
       hypersweep compare studies/stn-vs-bo-digits-20261122-101500 --log-time
     """
-    from orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
+    from hypersweep.orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
     loaded = []
     for d in study_dirs:
         path = Path(d)
@@ -258,7 +258,7 @@ def ensembles_report(study_dir) -> None:
     Example:
       hypersweep ensembles-report studies/ensembles-digits
     """
-    from orchestrator.ensembles import collected, report_markdown
+    from hypersweep.orchestrator.ensembles import collected, report_markdown
     results = collected(Path(study_dir))
     if not results:
         _bad_input(f"{study_dir}: no ensembles under ensembles/ (an arm's `ensemble:` or `hypersweep ensemble` makes them)")
@@ -279,7 +279,7 @@ def distill_command(path, out, use_mlflow) -> None:
     Example:
       hypersweep distill studies/qs/ensembles/hyper-diverse-seed0
     """
-    from orchestrator.ensembles import Compute, EnsembleError, distill, headline, histogram, read_ensemble, record, table
+    from hypersweep.orchestrator.ensembles import Compute, EnsembleError, distill, headline, histogram, read_ensemble, record, table
     try:
         ens, meta = read_ensemble(Path(path))
     except EnsembleError as e:
@@ -287,7 +287,7 @@ def distill_command(path, out, use_mlflow) -> None:
     folder = Path(out) if out else (Path(path) if Path(path).is_dir() else Path(path).parent)
     folder.mkdir(parents=True, exist_ok=True)
     if not ens.metrics:
-        from workers.ensemble import evaluate_weights
+        from hypersweep.workers.ensemble import evaluate_weights
         ens.metrics = evaluate_weights(ens.config, ens.weights, ens.log_noise_std)
     distilled = distill(ens, folder, Compute())
     histogram(ens, distilled, folder / "members.png")

@@ -50,7 +50,7 @@ class TrialRecord:
 
     @property
     def generative(self) -> bool:
-        from methods import method_module
+        from hypersweep.methods import method_module
         return hasattr(method_module(self.method).METHOD, "sample_weights")
 
     def checkpoint(self) -> Path:
@@ -162,7 +162,7 @@ def member_sources(trials: Sequence[TrialRecord], members: int, sample_seed: int
 
 def build_ensemble(trials: Sequence[TrialRecord], members: int, compute: Compute, sample_seed: int = 0) -> Ensemble:
     """Draw and evaluate the members of one arm x seed (see the module docstring)."""
-    from workers.ensemble import evaluate_weights, sample_members
+    from hypersweep.workers.ensemble import evaluate_weights, sample_members
     sources = member_sources(trials, members, sample_seed)
     drawn = compute.map(sample_members, [(t.config, str(t.checkpoint()), k, s) for t, k, s in sources])
     weights = np.concatenate([d["weights"] for d in drawn])
@@ -227,7 +227,7 @@ def distill(ens: Ensemble, out_dir: Path, compute: Compute) -> dict[str, dict[st
     """Polyak averages of the members, evaluated; weights files and distill.json in out_dir."""
     import torch
 
-    from workers.ensemble import distill_weights
+    from hypersweep.workers.ensemble import distill_weights
     result = compute.map(distill_weights, [(ens.config, ens.weights, ens.log_noise_std)])[0]
     spec = result.pop("spec")
     summary = {}

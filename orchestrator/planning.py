@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from methods.seeding import repetition_seeds
-from orchestrator.study import ArmConfig, Study
+from hypersweep.methods.seeding import repetition_seeds
+from hypersweep.orchestrator.study import ArmConfig, Study
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
     """The schedule an STN trial learned, for `sgd` to replay: [[epoch, {hp: value}], ...] from
     the reports (`hp/<name>` after `epoch` epochs) of its best trial by validation loss, led by
     the STN's start values at epoch 0. `rows`: the STN arm x seed's results (a DataFrame)."""
-    from methods.hparams import resolve
-    from methods.stn import hyperparameters
+    from hypersweep.methods.hparams import resolve
+    from hypersweep.methods.stn import hyperparameters
     best = rows.loc[rows.val_loss.idxmin(), "trial_id"]
     trial = rows[rows.trial_id == best].sort_values("epoch")
     names = [c[3:] for c in trial.columns if c.startswith("hp/")]

@@ -25,7 +25,7 @@ class ArmStatus:
 
     @property
     def within_budget(self) -> bool:
-        from orchestrator.budget import tolerance
+        from hypersweep.orchestrator.budget import tolerance
         return self.wall_time_used_s <= self.budget_s + tolerance(self.budget_s)
 
 

@@ -25,15 +25,15 @@ from typing import Any
 
 from ray import tune
 
-from methods.data import task_of
-from orchestrator.budget import Budget, Clock, tolerance
-from orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
-from orchestrator.plots import schedule_plot
-from orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, scheduler, searcher, trial_config
-from orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
-from orchestrator.results import ResultsStore
-from orchestrator.study import Study, StudyError
-from orchestrator.tracking import Tracker, flatten
+from hypersweep.methods.data import task_of
+from hypersweep.orchestrator.budget import Budget, Clock, tolerance
+from hypersweep.orchestrator.ensembles import Compute, find_trials, groups, run_ensemble, write_trial_records
+from hypersweep.orchestrator.plots import schedule_plot
+from hypersweep.orchestrator.planning import ArmSeed, num_samples, plan, replay_schedule, scheduler, searcher, trial_config
+from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
+from hypersweep.orchestrator.results import ResultsStore
+from hypersweep.orchestrator.study import Study, StudyError
+from hypersweep.orchestrator.tracking import Tracker, flatten
 
 log = logging.getLogger("hypersweep")
 
@@ -191,7 +191,7 @@ def tune_arm(study: Study, study_dir: Path, unit: ArmSeed, param_space: dict[str
     Returns the errors, the wall time used and each trial's folder and config."""
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from workers import trainable_class
+    from hypersweep.workers import trainable_class
 
     budget = Budget(study.budget.seconds, clock).start()
     b = study.budget

@@ -182,9 +182,9 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 
 
 def _check_semantics(study: Study, source: str) -> None:
-    from methods import METHODS, method_module
-    from methods.data import check_name
-    from methods.targets import n_dropout_sites
+    from hypersweep.methods import METHODS, method_module
+    from hypersweep.methods.data import check_name
+    from hypersweep.methods.targets import n_dropout_sites
 
     def fail(where: str, msg: str):
         raise StudyError(f"{source}: {where}: {msg}")
@@ -264,7 +264,7 @@ def _check_semantics(study: Study, source: str) -> None:
 
 
 def _is_generative(method: str) -> bool:
-    from methods import method_module
+    from hypersweep.methods import method_module
     return hasattr(method_module(method).METHOD, "sample_weights")
 
 

@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"  # full MNIST for slow tests; absent elsewhere
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +31,7 @@ def run_study_file(folder: Path, study: dict, name: str = "study") -> tuple[Path
     import yaml
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from hypersweep.orchestrator.cli import main
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(study))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     result = CliRunner().invoke(main, ["run", str(folder / f"{name}.yaml"), "--study-dir", str(folder / "sd"),

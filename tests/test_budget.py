@@ -1,8 +1,8 @@
 """Budget logic on a fake clock: no sleeping."""
 import pytest
 
-from orchestrator.budget import Budget, FakeClock
-from orchestrator.runner import BudgetStopper
+from hypersweep.orchestrator.budget import Budget, FakeClock
+from hypersweep.orchestrator.runner import BudgetStopper
 
 
 def test_budget_on_a_fake_clock():

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from orchestrator.cli import main
-from orchestrator.study import load_study
+from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.study import load_study
 
 STUDY = {
     "name": "tiny",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods import data
+from hypersweep.methods import data
 from tests.conftest import SHARED_DATA
 
 

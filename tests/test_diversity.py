@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from methods.diversity import gauge_fix, kozachenko_leonenko, log_unit_ball_volume
-from methods.targets import MLP, SmallCNN
+from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko, log_unit_ball_volume
+from hypersweep.methods.targets import MLP, SmallCNN
 
 TARGETS = {"mlp": lambda: MLP((12,), (9, 7), 5), "cnn": lambda: SmallCNN((1, 12, 12), 4, channels=(6, 5), fc_hidden=7)}
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from methods import data
-from methods.diversity import gauge_fix
-from methods.ensembles import evaluate_ensemble, polyak_average
-from methods.targets import MLP
+from hypersweep.methods import data
+from hypersweep.methods.diversity import gauge_fix
+from hypersweep.methods.ensembles import evaluate_ensemble, polyak_average
+from hypersweep.methods.targets import MLP
 from conftest import run_study_file
-from orchestrator.cli import main
+from hypersweep.orchestrator.cli import main
 
 
 def _weights(net, k, seed=0):

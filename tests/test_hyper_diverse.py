@@ -3,10 +3,10 @@ entropy on gauge-fixed weights, and training moves the weights towards the task.
 import pytest
 import torch
 
-from methods import data
-from methods.diversity import gauge_fix, kozachenko_leonenko
-from methods.hyper_diverse import HyperDiverse
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
+from hypersweep.methods.hyper_diverse import HyperDiverse
+from hypersweep.methods.targets import build_target
 
 SMALL = {"noise_batch": 8, "image_batch": 16, "latent_dim": 12, "code_dim": 5, "extractor_hidden": [24],
          "generator_hidden": [16, 16]}

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from methods import data
-from methods.hyper_hpo import HyperHPO
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.hyper_hpo import HyperHPO
+from hypersweep.methods.targets import build_target
 
 
 def _method(kind="mlp", **hp):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from methods import data
-from methods.hyper_ml import HyperML
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.hyper_ml import HyperML
+from hypersweep.methods.targets import build_target
 
 
 def _method(dataset="digits", hidden=(32,), seed=0, **hp):

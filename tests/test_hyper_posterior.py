@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import data
-from methods.augment import crop_flip
-from methods.hyper_posterior import HyperPosterior, block_of
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.hyper_posterior import HyperPosterior, block_of
+from hypersweep.methods.targets import build_target
 
 
 def _method(kind="mlp", seed=0, **hp):

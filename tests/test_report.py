@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.budget import Budget, FakeClock, tolerance
+from hypersweep.orchestrator.budget import Budget, FakeClock, tolerance
 from conftest import run_study_file
-from orchestrator.cli import main
-from orchestrator.report import aggregate, anytime_curves, arm_table, on_grid
+from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.report import aggregate, anytime_curves, arm_table, on_grid
 
 
 def _rows(arm, search, seed, points):

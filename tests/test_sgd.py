@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from methods import data
-from methods.sgd import SGD, dropout_rates, hyperparameters
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.sgd import SGD, dropout_rates, hyperparameters
+from hypersweep.methods.targets import build_target
 from tests.conftest import ROOT
 
 
@@ -57,9 +57,9 @@ def test_regularisation_changes_training_but_not_evaluation():
 _SCRIPT = """
 import json, torch
 torch.set_num_threads(1)
-from methods import data
-from methods.sgd import SGD
-from methods.targets import build_target
+from hypersweep.methods import data
+from hypersweep.methods.sgd import SGD
+from hypersweep.methods.targets import build_target
 s = data.load("digits", seed=5)
 m = SGD(build_target("mlp", s.input_shape, 10, hidden=(32,)), s, {"dropout": 0.2, "input_noise": 0.1}, seed=9)
 losses = [m.train_epoch() for _ in range(2)]

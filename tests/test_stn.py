@@ -8,13 +8,13 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from methods import data
-from methods.augment import color_jitter, cutout
-from methods.data import Splits
-from methods.stn import STN
-from methods.stn_layers import StnConv2d, StnLinear, per_example_dropout
-from methods.targets import build_target
-from methods.tuned import Space, Tuned
+from hypersweep.methods import data
+from hypersweep.methods.augment import color_jitter, cutout
+from hypersweep.methods.data import Splits
+from hypersweep.methods.stn import STN
+from hypersweep.methods.stn_layers import StnConv2d, StnLinear, per_example_dropout
+from hypersweep.methods.targets import build_target
+from hypersweep.methods.tuned import Space, Tuned
 
 
 def test_stn_linear_with_zero_hyper_path_is_nn_linear():

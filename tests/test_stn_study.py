@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import run_study_file
-from orchestrator.planning import replay_schedule
-from orchestrator.study import StudyError, parse_study
+from hypersweep.orchestrator.planning import replay_schedule
+from hypersweep.orchestrator.study import StudyError, parse_study
 
 STUDY = {
     "name": "stn-tiny",

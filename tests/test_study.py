@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from orchestrator.cli import main
-from orchestrator.study import StudyError, load_study, parse_study
+from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.study import StudyError, load_study, parse_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

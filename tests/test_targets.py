@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from methods.targets import MLP, SmallCNN, WideResNet, build_target, rank1_shapes, rank1_weights
+from hypersweep.methods.targets import MLP, SmallCNN, WideResNet, build_target, rank1_shapes, rank1_weights
 
 NETS = {
     "mlp": lambda: MLP((1, 8, 8), (32, 16), 10),

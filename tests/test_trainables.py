@@ -6,7 +6,7 @@ import pickle
 import cloudpickle
 import pytest
 
-from workers import TRAINABLES, trainable_class
+from hypersweep.workers import TRAINABLES, trainable_class
 
 # One small config per method; a new method adds its line here.
 CONFIGS = {

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 
 TRAINABLES: dict[str, str] = {
-    "sgd": "workers.sgd_trainable:SGDTrainable",
-    "hyper-ml": "workers.hypernet_trainable:HypernetTrainable",
-    "hyper-diverse": "workers.hypernet_trainable:HypernetTrainable",
-    "hyper-posterior": "workers.hypernet_trainable:HypernetTrainable",
-    "stn": "workers.stn_trainable:STNTrainable",
-    "hyper-hpo": "workers.stn_trainable:STNTrainable",
+    "sgd": "hypersweep.workers.sgd_trainable:SGDTrainable",
+    "hyper-ml": "hypersweep.workers.hypernet_trainable:HypernetTrainable",
+    "hyper-diverse": "hypersweep.workers.hypernet_trainable:HypernetTrainable",
+    "hyper-posterior": "hypersweep.workers.hypernet_trainable:HypernetTrainable",
+    "stn": "hypersweep.workers.stn_trainable:STNTrainable",
+    "hyper-hpo": "hypersweep.workers.stn_trainable:STNTrainable",
 }
 
 

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from ray import tune
 
-from methods import data as datasets
-from methods import method_module
-from methods.seeding import derived_seed
-from methods.targets import build_target
+from hypersweep.methods import data as datasets
+from hypersweep.methods import method_module
+from hypersweep.methods.seeding import derived_seed
+from hypersweep.methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.ensembles import evaluate_ensemble, polyak_average, supports_gauge_fix
-from workers.base import CHECKPOINT_FILE, build_method, build_target_for, load_splits, worker_device
+from hypersweep.methods.ensembles import evaluate_ensemble, polyak_average, supports_gauge_fix
+from hypersweep.workers.base import CHECKPOINT_FILE, build_method, build_target_for, load_splits, worker_device
 
 
 def sample_members(config: dict[str, Any], checkpoint_dir: str, k: int, sample_seed: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 (`weight_std`, ...)."""
 from __future__ import annotations
 
-from workers.base import MethodTrainable
+from hypersweep.workers.base import MethodTrainable
 
 
 class HypernetTrainable(MethodTrainable):

@@ -1,7 +1,7 @@
 """Tune trainable for `sgd`: the base lifecycle as it is."""
 from __future__ import annotations
 
-from workers.base import MethodTrainable
+from hypersweep.workers.base import MethodTrainable
 
 
 class SGDTrainable(MethodTrainable):

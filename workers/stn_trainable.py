@@ -4,7 +4,7 @@ reports the hyperparameters' current values (`hp/<name>`, and for the STN the pe
 scales `hp_scale/<name>`), the schedule the coordinator plots."""
 from __future__ import annotations
 
-from workers.base import MethodTrainable
+from hypersweep.workers.base import MethodTrainable
 
 
 class STNTrainable(MethodTrainable):
