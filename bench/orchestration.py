@@ -54,7 +54,8 @@ def _hypersweep(study, folder: Path) -> dict:
     import pandas as pd
 
     from hypersweep.orchestrator.runner import run_study
-    statuses = run_study(study, folder / "study", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
+    from hypersweep.orchestrator.studydir import StudyDir
+    statuses = run_study(study, StudyDir(folder / "study"), tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
     df = pd.read_parquet(folder / "study" / "results.parquet")
     wall = sum(s.wall_time_used_s for s in statuses)
     return {"runner": "hypersweep", "wall_s": wall, "inside_steps_s": float(df.step_time_s.sum()),

@@ -22,9 +22,9 @@ REPORTS = 10
 def coordinator_cost(n_trials: int, folder: Path) -> dict:
     from hypersweep.orchestrator.planning import plan
     from hypersweep.orchestrator.progress import ArmStatus
-    from hypersweep.orchestrator.results import ResultsStore
-    from hypersweep.orchestrator.runner import ArmContext, Recorder
+    from hypersweep.orchestrator.recorder import ArmContext, Recorder
     from hypersweep.orchestrator.study import parse_study
+    from hypersweep.orchestrator.studydir import StudyDir
     from hypersweep.orchestrator.tracking import Tracker
     study = parse_study({"name": "scale", "dataset": {"name": "digits"},
                          "arms": [{"name": "a", "method": "sgd", "search": "random", "num_samples": n_trials,
@@ -34,7 +34,7 @@ def coordinator_cost(n_trials: int, folder: Path) -> dict:
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "scale")
     run_id = tracker.start_run("a-seed0")
     status = ArmStatus("a", 0, 10.0)
-    recorder = Recorder(ArmContext(study, "scale", unit, run_id, status), tracker, ResultsStore(folder))
+    recorder = Recorder(ArmContext(study, "scale", unit, run_id, status), tracker, StudyDir(folder))
     tracemalloc.start()
     t0 = time.perf_counter()
     for i in range(n_trials):

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     argv = sys.argv[1:] if argv is None else argv
     from hypersweep.orchestrator.report import BLACK_BOX, anytime_curves, load_study_records, time_to_reach
+    from hypersweep.orchestrator.studydir import StudyDir
     if argv:
         study_dir = Path(argv[0])
     else:
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         from hypersweep.orchestrator.runner import run_study
         from hypersweep.orchestrator.study import load_study
         study_dir = Path(tempfile.mkdtemp()) / "stn-vs-bo-digits"
-        run_study(load_study(CONFIG), study_dir, tracking_uri=f"sqlite:///{study_dir.parent / 'mlflow.db'}", live=False)
-    df, arms, study = load_study_records(study_dir)
+        run_study(load_study(CONFIG), StudyDir(study_dir), tracking_uri=f"sqlite:///{study_dir.parent / 'mlflow.db'}", live=False)
+    df, arms, study = load_study_records(StudyDir(study_dir))
     budget = study["budget"]["seconds"]
     curves = anytime_curves(df)
     finals = curves.groupby(["arm", "seed_index"]).best_val_loss.last()

@@ -7,7 +7,6 @@ the commands that need them, so `--help` is instant.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -54,7 +53,8 @@ def validate(study_file: str) -> None:
 
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--study-dir", type=click.Path(file_okay=False), help="Where records go (default studies/<name>-<UTC time>); must not exist.")
+@click.option("--study-dir", help="Where records go: a path or a URI (file://, s3://, gs://; default "
+              "studies/<name>-<UTC time>); must not exist.")
 @click.option("--budget-s", type=float, help="Override budget.seconds: wall-clock seconds per arm x seed.")
 @click.option("--seeds", type=int, help="Override seeds: repetitions of every arm.")
 @click.option("--address", help="Ray cluster address (e.g. auto, or HOST:6379); default: a local Ray on this machine's CPUs.")
@@ -93,7 +93,7 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
         _bad_input(str(e))
     from hypersweep.orchestrator.runner import default_study_dir, run_study
     from hypersweep.orchestrator.tracking import resolve_tracking_uri
-    target = Path(study_dir) if study_dir else default_study_dir(study)
+    target = _study_dir(study_dir or default_study_dir(study), "--study-dir")
     if target.exists():
         _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
     try:
@@ -104,6 +104,15 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     if any(s.status == "failed" for s in statuses):
         click.echo("hypersweep: some arms failed; see the summary and the Tune folders in the study directory", err=True)
         sys.exit(1)
+
+
+def _study_dir(location, option: str):
+    """A StudyDir for a local path or a URI pyarrow opens; a URI it cannot open is bad input."""
+    from hypersweep.orchestrator.studydir import StudyDir
+    try:
+        return StudyDir(location)
+    except (OSError, ValueError) as e:  # pyarrow: unknown scheme, missing credentials, ...
+        _bad_input(f"{option} {location}: cannot open it ({str(e).splitlines()[0]})")
 
 
 @main.command()
@@ -143,12 +152,12 @@ def _tracker_for(uri: str | None, enabled: bool):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @click.option("--members", "-k", type=int, required=True, help="K: weight samples of a generative method, or the K best trials of any other.")
 @click.option("--arm", help="Only this arm (default: every arm).")
 @click.option("--seed-index", type=int, help="Only this repetition (default: every one).")
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the generator that draws the members.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default PATH/ensembles); must not hold an ensemble already.")
+@click.option("--out", help="Output folder, a path or a URI (default PATH/ensembles); must not hold an ensemble already.")
 @click.option("--distill/--no-distill", default=True, help="Also the Polyak averages (as `hypersweep distill`).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the arm's MLflow run (default on).")
 @click.option("--address", help="Compute on this Ray cluster (default: in this process).")
@@ -161,19 +170,20 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
     Example:
       hypersweep ensemble studies/qs --members 16 --arm hyper-diverse
     """
-    from hypersweep.orchestrator.ensembles import (Compute, EnsembleError, find_trials, groups, member_sources, run_ensemble,
-                                        table)
-    root = Path(path)
+    from hypersweep.orchestrator.ensembles import ENSEMBLE_FILE, member_sources, run_ensemble, table
+    from hypersweep.orchestrator.studydir import Folder
+    from hypersweep.orchestrator.trials import TRIAL_FILE, Compute, EnsembleError, find_trials, groups
+    root = _study_dir(path, "PATH")
     try:
         todo = groups(find_trials(root), arm, seed_index)
         for trials in todo.values():  # every group checked before anything is written
             member_sources(trials, members)
     except EnsembleError as e:
         _bad_input(str(e))
-    single_trial = len(todo) == 1 and (root / "trial.json").is_file()
-    base = Path(out) if out else (root / "ensemble" if single_trial else root / "ensembles")
-    folders = {key: base if single_trial else base / f"{key[0]}-seed{key[1]}" for key in todo}
-    taken = [str(f) for f in folders.values() if (f / "ensemble.parquet").exists()]
+    single_trial = len(todo) == 1 and root.is_file(TRIAL_FILE)
+    base = Folder(out) if out else root.sub("ensemble" if single_trial else root.ENSEMBLES)
+    folders = {key: base if single_trial else base.sub(f"{key[0]}-seed{key[1]}") for key in todo}
+    taken = [str(f) for f in folders.values() if f.exists(ENSEMBLE_FILE)]
     if taken:
         _bad_input(f"{taken[0]} already holds an ensemble; records are never overwritten, pass --out NEW_FOLDER")
     if address:
@@ -192,7 +202,7 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
 
 
 @main.command()
-@click.argument("study_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("study_dirs", nargs=-1, required=True)
 @click.option("--log-time", is_flag=True, help="Logarithmic time axis in anytime.png.")
 @click.option("--band", type=click.Choice(["median", "mean"]), default="median", show_default=True,
               help="median with the interquartile band, or mean with a 95% confidence interval.")
@@ -212,8 +222,8 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
     from hypersweep.orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
     loaded = []
     for d in study_dirs:
-        path = Path(d)
-        if not (path / "study.yaml").is_file():
+        path = _study_dir(d, "STUDY_DIR")
+        if not path.is_study():
             _bad_input(f"{path}: not a study directory (no study.yaml)")
         df, arms, study = load_study_records(path)
         if df.empty or "val_loss" not in df:
@@ -234,22 +244,22 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
         else:
             how = f"concurrently, {b['workers'] // len(study['arms'])} of {b['workers']} worker slots each"
         text = markdown(study["name"], table, baseline, b["seconds"], how, status)
-        (path / "report.md").write_text(text)
-        anytime_plot(anytime_curves(df), path / "anytime.png", title=study["name"], log_time=log_time, how=band)
-        runs = path / "runs.json"
-        if use_mlflow and runs.is_file():
-            import json
-            meta = json.loads(runs.read_text())
+        path.write_text(path.REPORT, text)
+        with path.writing(path.ANYTIME) as local:
+            anytime_plot(anytime_curves(df), local, title=study["name"], log_time=log_time, how=band)
+        meta = path.runs()
+        if use_mlflow and meta:
             tracker = _tracker_for(meta.get("tracking_uri"), True)
-            for name in ("report.md", "anytime.png"):
-                tracker.log_artifact(meta["parent_run_id"], path / name, "report")
+            for name in (path.REPORT, path.ANYTIME):
+                with path.reading(name) as local:
+                    tracker.log_artifact(meta["parent_run_id"], local, "report")
         texts.append(text)
         click.echo(text)
-    click.echo(f"written: {', '.join(str(Path(p[0]) / 'report.md') for p in loaded)} (+ anytime.png)")
+    click.echo(f"written: {', '.join(f'{p[0]}/{p[0].REPORT}' for p in loaded)} (+ anytime.png)")
 
 
 @main.command("ensembles-report")
-@click.argument("study_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("study_dir")
 def ensembles_report(study_dir) -> None:
     """Summarise the ensembles of a study over its seeds (mean +- std per arm) into
     STUDY_DIR/ensembles.md and print it.
@@ -259,17 +269,18 @@ def ensembles_report(study_dir) -> None:
       hypersweep ensembles-report studies/ensembles-digits
     """
     from hypersweep.orchestrator.ensembles import collected, report_markdown
-    results = collected(Path(study_dir))
+    folder = _study_dir(study_dir, "STUDY_DIR")
+    results = collected(folder)
     if not results:
         _bad_input(f"{study_dir}: no ensembles under ensembles/ (an arm's `ensemble:` or `hypersweep ensemble` makes them)")
     text = report_markdown(results)
-    (Path(study_dir) / "ensembles.md").write_text(text)
+    folder.write_text(folder.ENSEMBLES_REPORT, text)
     click.echo(text, nl=False)
 
 
 @main.command("distill")
-@click.argument("path", type=click.Path(exists=True))
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the ensemble's folder).")
+@click.argument("path")
+@click.option("--out", help="Output folder, a path or a URI (default: the ensemble's folder).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the source arm's MLflow run (default on).")
 def distill_command(path, out, use_mlflow) -> None:
     """Polyak-average the members of an ensemble (ensemble.parquet, or its folder): raw weights
@@ -279,18 +290,23 @@ def distill_command(path, out, use_mlflow) -> None:
     Example:
       hypersweep distill studies/qs/ensembles/hyper-diverse-seed0
     """
-    from hypersweep.orchestrator.ensembles import Compute, EnsembleError, distill, headline, histogram, read_ensemble, record, table
+    from hypersweep.orchestrator.ensembles import ENSEMBLE_FILE, distill, headline, histogram, read_ensemble, record, table
+    from hypersweep.orchestrator.studydir import Folder
+    from hypersweep.orchestrator.trials import Compute, EnsembleError
+    source = Folder(path)
+    name = ENSEMBLE_FILE
+    if source.is_file(""):  # PATH is the table itself
+        source, name = Folder(source.path.rsplit("/", 1)[0] or "/", source.fs), source.name
     try:
-        ens, meta = read_ensemble(Path(path))
+        ens, meta = read_ensemble(source, name)
     except EnsembleError as e:
         _bad_input(str(e))
-    folder = Path(out) if out else (Path(path) if Path(path).is_dir() else Path(path).parent)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Folder(out) if out else source
     if not ens.metrics:
         from hypersweep.workers.ensemble import evaluate_weights
         ens.metrics = evaluate_weights(ens.config, ens.weights, ens.log_noise_std)
     distilled = distill(ens, folder, Compute())
-    histogram(ens, distilled, folder / "members.png")
+    histogram(ens, distilled, folder)
     metrics = headline(ens, distilled)
     tracker = _tracker_for(meta.get("tracking_uri"), use_mlflow)
     if tracker is not None and meta.get("source_run"):

@@ -3,7 +3,7 @@ workers draw and evaluate members (workers/ensemble.py, as Ray tasks when Ray is
 ensemble table and distilled weights, and record them on the arm's MLflow run.
 
 Members of an arm x seed:
-- a generative method (it has `sample_weights`): K samples from its best trial;
+- a generative method (`Method.generative`): K samples from its best trial;
 - any other method: its K best trials by validation loss, one member each (K replicas of a
   fixed arm are the deep-ensemble baseline).
 
@@ -17,110 +17,17 @@ Files, in the output folder (default STUDY/ensembles/ARM-seedI/):
 """
 from __future__ import annotations
 
+import io
 import json
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-TRIAL_FILE = "trial.json"
+from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.trials import Compute, EnsembleError, TrialRecord
+
 ENSEMBLE_FILE = "ensemble.parquet"
-
-
-class EnsembleError(ValueError):
-    """Input an ensemble cannot be built from; the message is one line."""
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """A finished Tune trial, as `run_arm` describes it in the trial's folder."""
-    path: Path
-    arm: str
-    method: str
-    seed_index: int
-    seed: int
-    trial_id: str
-    best_val_loss: float
-    config: dict[str, Any]
-    run_id: str | None = None  # the arm x seed MLflow run
-    tracking_uri: str | None = None
-
-    @property
-    def generative(self) -> bool:
-        from hypersweep.methods import method_module
-        return hasattr(method_module(self.method).METHOD, "sample_weights")
-
-    def checkpoint(self) -> Path:
-        """The trial's last checkpoint (Tune names them checkpoint_000NNN)."""
-        found = sorted(self.path.glob("checkpoint_*"))
-        if not found:
-            raise EnsembleError(f"trial {self.trial_id} ({self.path}) has no checkpoint to draw members from")
-        return found[-1]
-
-
-def write_trial_records(trial_dirs: dict[str, tuple[Path, dict[str, Any]]], rows: list[dict], *, arm: str,
-                        method: str, seed_index: int, seed: int, run_id: str, tracking_uri: str) -> None:
-    """One trial.json per trial folder: what `ensemble` needs to find and rebuild it later."""
-    best: dict[str, float] = {}
-    for row in rows:
-        best[row["trial_id"]] = min(best.get(row["trial_id"], math.inf), row.get("val_loss", math.inf))
-    for trial_id, (path, config) in trial_dirs.items():
-        if not path.is_dir():
-            continue
-        record = {"arm": arm, "method": method, "seed_index": seed_index, "seed": seed, "trial_id": trial_id,
-                  "best_val_loss": best.get(trial_id, math.inf), "config": config, "run_id": run_id,
-                  "tracking_uri": tracking_uri}
-        tmp = path / (TRIAL_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path / TRIAL_FILE)
-
-
-def _read_record(file: Path) -> TrialRecord:
-    raw = json.loads(file.read_text())
-    return TrialRecord(path=file.parent, **raw)
-
-
-def find_trials(path: Path) -> list[TrialRecord]:
-    """The trials of a study directory, or the one trial of a trial directory."""
-    if (path / TRIAL_FILE).is_file():
-        return [_read_record(path / TRIAL_FILE)]
-    if not (path / "tune").is_dir():
-        raise EnsembleError(f"{path}: neither a study directory (with tune/) nor a trial directory (with {TRIAL_FILE})")
-    records = [_read_record(f) for f in sorted((path / "tune").glob(f"*/*/{TRIAL_FILE}"))]
-    if not records:
-        raise EnsembleError(f"{path}: no finished trials recorded under tune/")
-    return records
-
-
-def groups(trials: Sequence[TrialRecord], arm: str | None = None,
-           seed_index: int | None = None) -> dict[tuple[str, int], list[TrialRecord]]:
-    """Trials by (arm, seed_index), filtered; an unknown filter is an error naming the choices."""
-    out: dict[tuple[str, int], list[TrialRecord]] = {}
-    for t in trials:
-        out.setdefault((t.arm, t.seed_index), []).append(t)
-    if arm is not None and not any(a == arm for a, _ in out):
-        raise EnsembleError(f"--arm {arm!r} not in this study; arms: {', '.join(sorted({a for a, _ in out}))}")
-    if seed_index is not None and not any(s == seed_index for _, s in out):
-        raise EnsembleError(f"--seed-index {seed_index} not in this study; seeds: "
-                            f"{', '.join(str(s) for s in sorted({s for _, s in out}))}")
-    return {k: v for k, v in out.items() if (arm is None or k[0] == arm) and (seed_index is None or k[1] == seed_index)}
-
-
-class Compute:
-    """Runs worker functions in this process, or as Ray tasks with the study's worker resources."""
-
-    def __init__(self, use_ray: bool = False, num_cpus: float = 1, num_gpus: float = 0):
-        self.use_ray, self.num_cpus, self.num_gpus = use_ray, num_cpus, num_gpus
-
-    def map(self, fn: Callable, calls: Sequence[tuple]) -> list[Any]:
-        if not self.use_ray:
-            return [fn(*args) for args in calls]
-        import ray
-        task = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(fn)
-        return ray.get([task.remote(*args) for args in calls])
 
 
 @dataclass
@@ -164,7 +71,7 @@ def build_ensemble(trials: Sequence[TrialRecord], members: int, compute: Compute
     """Draw and evaluate the members of one arm x seed (see the module docstring)."""
     from hypersweep.workers.ensemble import evaluate_weights, sample_members
     sources = member_sources(trials, members, sample_seed)
-    drawn = compute.map(sample_members, [(t.config, str(t.checkpoint()), k, s) for t, k, s in sources])
+    drawn = compute.map(sample_members, [(t.config, t.checkpoint(), k, s) for t, k, s in sources])
     weights = np.concatenate([d["weights"] for d in drawn])
     log_std = np.concatenate([d["log_noise_std"] for d in drawn])
     rows = []
@@ -186,45 +93,43 @@ def build_ensemble(trials: Sequence[TrialRecord], members: int, compute: Compute
     return ens
 
 
-def write_ensemble(ens: Ensemble, out_dir: Path, provenance: dict[str, Any]) -> Path:
+def write_ensemble(ens: Ensemble, out: Folder, provenance: dict[str, Any]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(ens.members)
     flat = pa.array(ens.weights.reshape(-1), pa.float32())
     table = table.append_column("weights", pa.FixedSizeListArray.from_arrays(flat, ens.weights.shape[1]))
     table = table.append_column("log_noise_std", pa.array(ens.log_noise_std, pa.float32()))
     meta = {"hypersweep": json.dumps({"config": ens.config, **provenance})}
     table = table.replace_schema_metadata(meta)
-    path = out_dir / ENSEMBLE_FILE
-    pq.write_table(table, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    _write_json(out_dir / "ensemble.json", {"members": len(ens.members), "metrics": ens.metrics, **provenance})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    path = out.write_bytes(ENSEMBLE_FILE, buf.getvalue())
+    out.write_json("ensemble.json", {"members": len(ens.members), "metrics": ens.metrics, **provenance})
     return path
 
 
-def read_ensemble(path: Path) -> tuple[Ensemble, dict[str, Any]]:
-    """An ensemble.parquet (or the folder holding it) and its provenance."""
+def read_ensemble(folder: Folder, file: str = ENSEMBLE_FILE) -> tuple[Ensemble, dict[str, Any]]:
+    """An ensemble table (in `folder`, named `file`) and its provenance."""
     import pyarrow.parquet as pq
-    file = path / ENSEMBLE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise EnsembleError(f"{path}: no {ENSEMBLE_FILE} (run `hypersweep ensemble` first)")
+    if not folder.is_file(file):
+        raise EnsembleError(f"{folder}: no {file} (run `hypersweep ensemble` first)")
     try:
-        table = pq.read_table(file)
+        table = pq.read_table(io.BytesIO(folder.read_bytes(file)))
         meta = json.loads(table.schema.metadata[b"hypersweep"])
     except Exception as e:  # a truncated or foreign file: say which, in one line
-        raise EnsembleError(f"{file}: not an ensemble table written by hypersweep ({type(e).__name__})") from None
+        raise EnsembleError(f"{folder}/{file}: not an ensemble table written by hypersweep "
+                            f"({type(e).__name__})") from None
     weights = np.stack(table.column("weights").to_numpy(zero_copy_only=False)).astype(np.float32)
     log_std = table.column("log_noise_std").to_numpy()
     rows = table.drop_columns(["weights", "log_noise_std"]).to_pylist()
     ens = Ensemble(rows, weights, log_std, meta.pop("config"))
-    saved = json.loads((file.parent / "ensemble.json").read_text()) if (file.parent / "ensemble.json").is_file() else {}
-    ens.metrics = saved.get("metrics", {})
+    ens.metrics = folder.read_json("ensemble.json", {}).get("metrics", {})
     return ens, meta
 
 
-def distill(ens: Ensemble, out_dir: Path, compute: Compute) -> dict[str, dict[str, Any]]:
-    """Polyak averages of the members, evaluated; weights files and distill.json in out_dir."""
+def distill(ens: Ensemble, out: Folder, compute: Compute) -> dict[str, dict[str, Any]]:
+    """Polyak averages of the members, evaluated; weights files and distill.json in `out`."""
     import torch
 
     from hypersweep.workers.ensemble import distill_weights
@@ -232,10 +137,11 @@ def distill(ens: Ensemble, out_dir: Path, compute: Compute) -> dict[str, dict[st
     spec = result.pop("spec")
     summary = {}
     for kind, r in result.items():
-        torch.save({"weights": torch.from_numpy(np.array(r["weights"])), **spec, "config": ens.config, "kind": kind,
-                    "members": len(ens.members)}, out_dir / f"distilled-{kind}.pt")
+        with out.writing(f"distilled-{kind}.pt") as local:
+            torch.save({"weights": torch.from_numpy(np.array(r["weights"])), **spec, "config": ens.config,
+                        "kind": kind, "members": len(ens.members)}, local)
         summary[kind] = {"val": r["val"], "test": r["test"]}
-    _write_json(out_dir / "distill.json", summary)
+    out.write_json("distill.json", summary)
     return summary
 
 
@@ -262,7 +168,8 @@ def headline(ens: Ensemble, distilled: dict[str, dict[str, Any]] | None) -> dict
     return out
 
 
-def histogram(ens: Ensemble, distilled: dict[str, dict[str, Any]] | None, path: Path, split: str = "test") -> Path:
+def histogram(ens: Ensemble, distilled: dict[str, dict[str, Any]] | None, out: Folder, name: str = "members.png",
+              split: str = "test") -> str:
     """Single-member accuracy (or RMSE) on `split`, with the ensemble and the distilled nets marked."""
     import matplotlib
     matplotlib.use("Agg")
@@ -284,12 +191,13 @@ def histogram(ens: Ensemble, distilled: dict[str, dict[str, Any]] | None, path: 
     ax.set_title(f"{members['arm']} seed {members['seed_index']}", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with out.writing(name) as local:
+        fig.savefig(local, dpi=110)
     plt.close(fig)
-    return path
+    return name
 
 
-def run_ensemble(trials: Sequence[TrialRecord], members: int, out_dir: Path, compute: Compute, *,
+def run_ensemble(trials: Sequence[TrialRecord], members: int, out: Folder, compute: Compute, *,
                  sample_seed: int = 0, distill_too: bool = True, tracker=None) -> dict[str, float]:
     """Everything for one arm x seed: members, table, (distillation), plot, and the MLflow
     records on the arm's run when `tracker` is given. Returns the headline metrics."""
@@ -297,12 +205,12 @@ def run_ensemble(trials: Sequence[TrialRecord], members: int, out_dir: Path, com
     t = trials[0]
     provenance = {"arm": t.arm, "method": t.method, "seed_index": t.seed_index, "seed": t.seed,
                   "source_run": t.run_id, "tracking_uri": t.tracking_uri}
-    write_ensemble(ens, out_dir, provenance)
-    distilled = distill(ens, out_dir, compute) if distill_too else None
-    histogram(ens, distilled, out_dir / "members.png")
+    write_ensemble(ens, out, provenance)
+    distilled = distill(ens, out, compute) if distill_too else None
+    histogram(ens, distilled, out)
     metrics = headline(ens, distilled)
     if tracker is not None and t.run_id:
-        record(tracker, t.run_id, metrics, out_dir)
+        record(tracker, t.run_id, metrics, out)
     return metrics
 
 
@@ -322,15 +230,15 @@ def table(results: dict[tuple[str, int], dict[str, float]], split: str = "test")
     return out
 
 
-def collected(study_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+def collected(study: StudyDir) -> dict[tuple[str, int], dict[str, float]]:
     """Headline metrics of every ensemble already written under STUDY/ensembles/."""
     out = {}
-    for folder in sorted((study_dir / "ensembles").glob("*-seed*")):
-        if not (folder / "ensemble.json").is_file():
+    for folder in study.ensemble_folders():
+        saved = folder.read_json("ensemble.json")
+        if saved is None:
             continue
-        saved = json.loads((folder / "ensemble.json").read_text())
         ens = Ensemble([{}] * saved["members"], np.zeros((0, 0)), np.zeros(0), {}, saved["metrics"])
-        distilled = json.loads((folder / "distill.json").read_text()) if (folder / "distill.json").is_file() else None
+        distilled = folder.read_json("distill.json")
         out[(saved["arm"], saved["seed_index"])] = headline(ens, distilled)
     return out
 
@@ -359,16 +267,12 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
     return "\n".join(lines) + "\n"
 
 
-def record(tracker, run_id: str, metrics: dict[str, float], out_dir: Path) -> None:
+def record(tracker, run_id: str, metrics: dict[str, float], out: Folder) -> None:
     tracker.log_metrics(run_id, metrics, step=0)
     tracker.flush()
     for name in ("ensemble.parquet", "ensemble.json", "distill.json", "members.png", "distilled-raw.pt",
                  "distilled-gauge.pt"):
-        if (out_dir / name).is_file():
-            tracker.log_artifact(run_id, out_dir / name, "ensemble")
+        if out.is_file(name):
+            with out.reading(name) as local:
+                tracker.log_artifact(run_id, local, "ensemble")
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

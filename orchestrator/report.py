@@ -7,13 +7,14 @@ median with the interquartile band (or the mean with a 95% normal confidence int
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from hypersweep.orchestrator.studydir import StudyDir
 
 BLACK_BOX = ("grid", "random", "tpe", "gp")  # the searches whose best result is "the best baseline"
 
@@ -136,6 +137,8 @@ def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: fl
 
 def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool = False, how: str = "median",
                  n_grid: int = 200) -> Path:
+    """Best validation loss so far against arm wall time, per arm, aggregated over seeds, into
+    the local file `path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,13 +165,7 @@ def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool
     return path
 
 
-def load_study_records(study_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
-    """Results rows (the consolidated table, else the parts written so far), arms.json, study.yaml."""
-    import yaml
-    parts = sorted((study_dir / "results").glob("*.parquet"))
-    frames = [pd.read_parquet(p) for p in parts]
-    frames = [f for f in frames if not f.empty]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    arms = json.loads((study_dir / "arms.json").read_text()) if (study_dir / "arms.json").is_file() else {}
-    study = yaml.safe_load((study_dir / "study.yaml").read_text())
-    return df, arms, study
+def load_study_records(study_dir: StudyDir) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+    """Results rows (the parts written so far, those of running arms included), arms.json,
+    study.yaml."""
+    return study_dir.results(), study_dir.arms(), study_dir.study_dict()

@@ -2,7 +2,7 @@
 import pytest
 
 from hypersweep.orchestrator.budget import Budget, FakeClock
-from hypersweep.orchestrator.runner import BudgetStopper
+from hypersweep.orchestrator.tune_run import BudgetStopper
 
 
 def test_budget_on_a_fake_clock():

@@ -8,21 +8,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray import tune
 
 from hypersweep.methods.ensembles import evaluate_ensemble, polyak_average, supports_gauge_fix
 from hypersweep.workers.base import CHECKPOINT_FILE, build_method, build_target_for, load_splits, worker_device
 
 
-def sample_members(config: dict[str, Any], checkpoint_dir: str, k: int, sample_seed: int) -> dict[str, Any]:
+def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int, sample_seed: int) -> dict[str, Any]:
     """Members from one trained trial: k weight samples of a generative method (from a
     generator seeded with `sample_seed`), or the trained net itself (one member) otherwise.
-    Returns weights (n, P) float32 and the regression noise scale of each."""
+    `checkpoint` may live on any filesystem Tune reads. Returns weights (n, P) float32 and
+    the regression noise scale of each."""
     device = worker_device(config.get("device", "auto"))
     _, target, method = build_method(config, device)
-    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=True)
     method.load_state_dict(state)
     with torch.no_grad():
-        if hasattr(method, "sample_weights"):
+        if method.generative:
             weights = method.sample_weights(k, torch.Generator(device=device).manual_seed(sample_seed))
         else:
             weights = target.flat_weights(method.module)[None]

@@ -1,0 +1,147 @@
+"""The lifecycle of an arm x seed: prepare its Tune run, run it (alone on all worker slots, or
+beside the other arms of its repetition), and record its end: results part, trial runs, the
+arm run's summary, schedule plot, trial records, ensemble.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hypersweep.orchestrator.budget import Clock
+from hypersweep.orchestrator.ensembles import run_ensemble
+from hypersweep.orchestrator.planning import ArmSeed, replay_schedule, trial_config
+from hypersweep.orchestrator.plots import schedule_plot
+from hypersweep.orchestrator.recorder import ArmContext, Recorder
+from hypersweep.orchestrator.study import Study
+from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.tracking import Tracker
+from hypersweep.orchestrator.trials import Compute, find_trials, groups, write_trial_records
+from hypersweep.orchestrator.tune_run import QueueSink, tune_arm
+
+log = logging.getLogger("hypersweep")
+
+
+def prepare_arm(study: Study, unit: ArmSeed, study_dir: StudyDir, data_root: str | None) -> dict[str, Any] | str:
+    """The arm's param_space, or why it cannot run (a replay without its STN's records)."""
+    param_space = trial_config(study, unit, data_root)
+    if unit.arm.search == "replay":
+        source = study_dir.read_part(unit.arm.replay, unit.seed_index)
+        if source is None or source.empty or "val_loss" not in source:
+            return f"no records of arm {unit.arm.replay!r} seed {unit.seed_index} to replay"
+        stn_arm = next(a for a in study.arms if a.name == unit.arm.replay)
+        param_space["schedule"] = replay_schedule(source, stn_arm.params)
+    return param_space
+
+
+def run_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, clock: Clock, data_root: str | None) -> None:
+    """One arm x seed in this process, on all the budget's worker slots."""
+    prepared = prepare_arm(ctx.study, ctx.unit, study_dir, data_root)
+    if isinstance(prepared, str):
+        refuse_arm(ctx, tracker, study_dir, prepared)
+        return
+    ctx.status.status = "running"
+    recorder = Recorder(ctx, tracker, study_dir)
+    outcome = None
+    try:
+        outcome = tune_arm(ctx.study, study_dir, ctx.unit, prepared, ctx.study.budget.workers, recorder.handle, clock)
+    finally:
+        finish_arm(recorder, outcome)
+
+
+def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: StudyDir, data_root: str | None) -> None:
+    """The arms of one repetition at the same time, each on its share of the worker slots,
+    each Tune experiment in its own Ray task; their events come back through queues to this
+    process, still the only writer of records."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    study = contexts[0].study
+    workers = max(1, study.budget.workers // len(contexts))
+    remote_arm = ray.remote(num_cpus=0)(tune_arm)
+    running = []
+    for ctx in contexts:
+        prepared = prepare_arm(study, ctx.unit, study_dir, data_root)
+        if isinstance(prepared, str):
+            refuse_arm(ctx, tracker, study_dir, prepared)
+            continue
+        ctx.status.status = "running"
+        queue = Queue(actor_options={"num_cpus": 0})
+        recorder = Recorder(ctx, tracker, study_dir)
+        ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue))
+        running.append((recorder, queue, ref))
+
+    def drain(queue, recorder):
+        while True:
+            try:
+                recorder.handle(*queue.get_nowait())
+            except Empty:
+                return
+
+    while running:
+        for item in list(running):
+            recorder, queue, ref = item
+            drain(queue, recorder)
+            done, _ = ray.wait([ref], timeout=0.1)
+            if done:
+                outcome = ray.get(ref)
+                drain(queue, recorder)
+                finish_arm(recorder, outcome)
+                ray.kill(queue.actor)
+                running.remove(item)
+
+
+def refuse_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, why: str) -> None:
+    log.warning("%s: %s", ctx.unit.key, why)
+    ctx.status.status = "failed"
+    study_dir.write_part(ctx.unit.arm.name, ctx.unit.seed_index, [])
+    tracker.set_tags(ctx.run_id, {"error": why})
+    tracker.end_run(ctx.run_id, "FAILED")
+
+
+def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
+    """Records at the end of an arm x seed: results part, trial runs, the arm run's summary,
+    schedule plot, trial records, ensemble. `outcome` None: the arm was interrupted."""
+    ctx, tracker, study_dir = recorder.ctx, recorder.tracker, recorder.study_dir
+    unit, run_id, status = ctx.unit, ctx.run_id, ctx.status
+    status.wall_time_used_s = outcome["used"] if outcome else status.elapsed_s
+    status.elapsed_s = status.wall_time_used_s
+    recorder.write_part()
+    for trial_run in recorder.trial_runs.values():  # trials the budget cut short
+        tracker.end_if_open(trial_run, "KILLED")
+    if outcome is None:
+        return
+    errors = outcome["errors"]
+    if "error" in outcome:
+        log.warning("%s failed: %s", unit.key, outcome["error"])
+        tracker.set_tags(run_id, {"error": outcome["error"][:4000]})
+    failed = not recorder.rows or errors < 0 or errors == status.trials_started
+    status.status = "failed" if failed else "done"
+    recorder.record_arm_end(max(errors, 0))
+    if recorder.rows and any(k.startswith("hp/") for k in status.best_row):
+        best = [r for r in recorder.rows if r["trial_id"] == status.best_row["trial_id"]]
+        name = study_dir.plot_name(unit.arm.name, unit.seed_index)
+        with study_dir.writing(name) as local:
+            schedule_plot(best, local, title=f"{unit.arm.name} seed {unit.seed_index} ({unit.arm.method})")
+            tracker.log_artifact(run_id, local, "plots")
+    trials = {name: (Folder(path, study_dir.fs), config) for name, (path, config) in outcome["trials"].items()}
+    write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
+                        seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)
+    if unit.arm.ensemble and not failed:
+        arm_ensemble(ctx, tracker, study_dir)
+    tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None:
+    """The arm's `ensemble:` request, after its budget (the time is recorded, not charged)."""
+    unit, e, b = ctx.unit, ctx.unit.arm.ensemble, ctx.study.budget
+    t = time.monotonic()
+    try:
+        trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]
+        compute = Compute(use_ray=True, num_cpus=b.cpus_per_worker, num_gpus=b.gpus_per_worker)
+        run_ensemble(trials, e.members, study_dir.ensemble_folder(unit.arm.name, unit.seed_index), compute,
+                     sample_seed=e.sample_seed, distill_too=e.distill == "polyak", tracker=tracker)
+    except Exception as err:  # the arm's training records stand; say what went wrong on its run
+        log.warning("ensemble of %s failed: %s", unit.key, err)
+        tracker.set_tags(ctx.run_id, {"ensemble_error": f"{type(err).__name__}: {err}"[:4000]})
+    tracker.log_metrics(ctx.run_id, {"ensemble_time_s": time.monotonic() - t}, step=0)

@@ -1,0 +1,120 @@
+"""The recorder: the one place in the coordinator where trial reports become records.
+
+Every report of an arm's trials becomes a results row (the arm's part of the results store,
+rewritten every `PART_EVERY_S` while the arm runs), MLflow metrics on the trial's nested run,
+and a point of the arm's anytime curve (`best_val_loss` against arm wall time). At the arm's
+end, the arm's run gets its best trial's history, hyperparameters and a summary.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hypersweep.orchestrator.planning import ArmSeed
+from hypersweep.orchestrator.progress import ArmStatus
+from hypersweep.orchestrator.study import Study
+from hypersweep.orchestrator.studydir import StudyDir
+from hypersweep.orchestrator.tracking import Tracker, flatten
+
+# Keys of a Tune result that are bookkeeping, not the method's metrics.
+_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
+              "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
+              "timesteps_since_restore", "done", "trial_id", "experiment_id", "date", "config", "checkpoint_dir_name",
+              "should_checkpoint", "experiment_tag"}
+
+PART_EVERY_S = 15.0  # how often a running arm's results part is rewritten
+
+
+@dataclass
+class ArmContext:
+    study: Study
+    study_id: str
+    unit: ArmSeed
+    run_id: str  # the arm x seed MLflow run
+    status: ArmStatus
+
+
+def arm_tags(study: Study, study_id: str, unit: ArmSeed, **extra) -> dict[str, Any]:
+    return {"arm": unit.arm.name, "method": unit.arm.method, "search": unit.arm.search, "dataset": study.dataset.name,
+            "seed": unit.seed, "seed_index": unit.seed_index, "study_id": study_id, **extra}
+
+
+class Recorder:
+    """Runs in the driver. It takes Tune's trial events as plain tuples (kind, trial_id, hp,
+    payload, arm_time), from a `TuneEvents` callback in this process or, for concurrent arms,
+    through a queue from the process running the arm."""
+
+    def __init__(self, ctx: ArmContext, tracker: Tracker, study_dir: StudyDir):
+        self.ctx, self.tracker, self.study_dir = ctx, tracker, study_dir
+        self._last_part = time.monotonic()
+        self.rows: list[dict[str, Any]] = []
+        self.trial_runs: dict[str, str] = {}
+
+    def _trial_run(self, trial_id: str, hp: dict) -> str:
+        if trial_id not in self.trial_runs:
+            c, u = self.ctx, self.ctx.unit
+            self.trial_runs[trial_id] = self.tracker.start_run(
+                f"{u.arm.name}-seed{u.seed_index}-{trial_id}", parent_id=c.run_id,
+                tags=arm_tags(c.study, c.study_id, u, trial_id=trial_id, kind="trial"), params=hp)
+            c.status.trials_started += 1
+        return self.trial_runs[trial_id]
+
+    def handle(self, kind: str, trial_id: str | None, hp: dict | None, payload: Any, arm_time: float) -> None:
+        self.ctx.status.elapsed_s = arm_time
+        if kind == "start":
+            self._trial_run(trial_id, hp)
+        elif kind == "result":
+            self._result(trial_id, hp, payload, arm_time)
+        elif kind == "end":
+            self.ctx.status.trials_done += 1
+            self.tracker.end_run(self._trial_run(trial_id, hp), "FINISHED" if payload else "FAILED")
+
+    def write_part(self) -> None:
+        u = self.ctx.unit
+        self.study_dir.write_part(u.arm.name, u.seed_index, self.rows)
+        self._last_part = time.monotonic()
+
+    def _result(self, trial_id: str, hp: dict, result: dict, arm_time: float) -> None:
+        c, u = self.ctx, self.ctx.unit
+        metrics = {k: v for k, v in result.items()
+                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(result["training_iteration"])
+        row = {"study_id": c.study_id, "arm": u.arm.name, "method": u.arm.method, "search": u.arm.search,
+               "dataset": c.study.dataset.name, "seed_index": u.seed_index, "seed": u.seed,
+               "trial_id": trial_id, "step": step, "arm_time_s": arm_time, **metrics,
+               **{f"hp_{k}": v for k, v in flatten(hp).items()}}
+        self.rows.append(row)
+        if time.monotonic() - self._last_part >= PART_EVERY_S:  # `compare` on a running study sees this arm
+            self.write_part()
+        self.tracker.log_metrics(self._trial_run(trial_id, hp), {**metrics, "arm_time_s": arm_time}, step)
+        s = c.status
+        s.reports += 1
+        val = metrics.get("val_loss", math.inf)
+        if val < s.best_val_loss:
+            s.best_val_loss, s.best_row = val, row
+        # The arm's anytime curve: best validation loss so far against the arm's wall time.
+        self.tracker.log_metrics(c.run_id, {"best_val_loss": s.best_val_loss, "wall_time_s": arm_time}, s.reports)
+
+    def record_arm_end(self, errors: int) -> None:
+        """The arm run's summary: its best trial's history and hyperparameters, wall time,
+        trials, errors."""
+        status, rows, run_id = self.ctx.status, self.rows, self.ctx.run_id
+        summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
+                   "trial_errors": errors, "reports": status.reports}
+        if rows:
+            best = status.best_row
+            # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
+            for row in rows:
+                if row["trial_id"] == best["trial_id"]:
+                    self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if _is_metric(k, v)}, row["step"])
+            summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v)})
+            self.tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
+                                             **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
+        self.tracker.log_metrics(run_id, summary, status.reports)
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return (key not in ("seed_index", "seed", "step") and not key.startswith("hp_")
+            and isinstance(value, (int, float)) and not isinstance(value, bool))

@@ -1,0 +1,276 @@
+"""The study directory: the one owner of its files.
+
+Everything a study writes, and everything `compare`, `ensemble` and (later) `resume` read, goes
+through `StudyDir`; no other module spells a file name of the study directory. Every write
+is atomic (a temporary file moved into place), so a crash never leaves a half-written file.
+
+Files go through a pyarrow filesystem, so the directory may be a local path, a `file://` URI,
+a cloud URI pyarrow opens (`s3://`, `gs://`, ...), or any `pyarrow.fs.FileSystem` handed to
+the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
+
+    study.yaml                     the resolved study
+    results/<arm>__seed<k>.parquet one part per arm x seed, rewritten while it runs
+    results.parquet                all parts, consolidated
+    runs.json                      arm/seed -> MLflow run ids (and the tracking URI)
+    arms.json                      status and wall time used per arm x seed
+    summary.md                     the summary table
+    plots/                         hyperparameter schedules
+    ensembles/<arm>-seed<k>/       ensemble tables, distilled weights (see ensembles.py)
+    report.md, anytime.png         from `compare`; ensembles.md from `ensembles-report`
+    tune/<arm>-seed<k>/<trial>/    Ray Tune's experiment folders, checkpoints, trial.json
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+# Columns every results row has; metrics and `hp_<name>` hyperparameter columns follow.
+KEY_COLUMNS = ["study_id", "arm", "method", "search", "dataset", "seed_index", "seed", "trial_id",
+               "step", "arm_time_s"]
+
+
+def _open(location: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if filesystem is not None:
+        return filesystem, str(location).rstrip("/")
+    text = str(location)
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+class Folder:
+    """A folder on a pyarrow filesystem with atomic writes; the base of `StudyDir` and of
+    an ensemble's output folder."""
+
+    def __init__(self, location: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+        self.fs, self.path = _open(location, filesystem)
+
+    # -- where -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def local_path(self) -> Path | None:
+        """The folder as a local path, when it is one (None on other filesystems)."""
+        return Path(self.path) if self.is_local else None
+
+    def __str__(self) -> str:
+        return self.path if self.is_local else f"{self.fs.type_name}://{self.path}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def _full(self, rel: str) -> str:
+        return posixpath.join(self.path, rel) if rel else self.path
+
+    def sub(self, rel: str) -> "Folder":
+        return Folder(self._full(rel), self.fs)
+
+    # -- what is there ---------------------------------------------------------------------
+    def _info(self, rel: str = "") -> pafs.FileInfo:
+        return self.fs.get_file_info(self._full(rel))
+
+    def exists(self, rel: str = "") -> bool:
+        return self._info(rel).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        return self._info(rel).type == pafs.FileType.File
+
+    def is_dir(self, rel: str = "") -> bool:
+        return self._info(rel).type == pafs.FileType.Directory
+
+    def list(self, rel: str = "", *, suffix: str = "", dirs: bool = False) -> list[str]:
+        """Names (not paths) in a sub-folder, sorted: files ending in `suffix`, or folders."""
+        if not self.is_dir(rel):
+            return []
+        want = pafs.FileType.Directory if dirs else pafs.FileType.File
+        infos = self.fs.get_file_info(pafs.FileSelector(self._full(rel)))
+        return sorted(i.base_name for i in infos if i.type == want and i.base_name.endswith(suffix)
+                      and not i.base_name.endswith(".tmp"))
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.create_dir(self._full(rel), recursive=True)
+
+    # -- reading ---------------------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._full(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def read_json(self, rel: str, default: Any = None) -> Any:
+        return json.loads(self.read_text(rel)) if self.is_file(rel) else default
+
+    def read_table(self, rel: str) -> pd.DataFrame | None:
+        if not self.is_file(rel):
+            return None
+        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+
+    # -- writing, atomically -----------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write to a temporary name beside the target, then move it into place: readers see
+        the old file or the new one, never a half-written one."""
+        full = self._full(rel)
+        self.fs.create_dir(posixpath.dirname(full), recursive=True)
+        tmp = f"{full}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, full)
+        return full
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_text(rel, json.dumps(obj, indent=2))
+
+    def write_table(self, rel: str, df: pd.DataFrame) -> str:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return self.write_bytes(rel, buf.getvalue())
+
+    @contextlib.contextmanager
+    def writing(self, rel: str) -> Iterator[Path]:
+        """A local path to write `rel` through (matplotlib, torch.save): the file is moved
+        into the folder when the block ends without an error."""
+        with tempfile.TemporaryDirectory(prefix="hypersweep-") as tmp:
+            local = Path(tmp) / posixpath.basename(rel)
+            yield local
+            self.write_bytes(rel, local.read_bytes())
+
+    @contextlib.contextmanager
+    def reading(self, rel: str = "") -> Iterator[Path]:
+        """A local path holding `rel` (a file or a folder) for libraries that need one (MLflow
+        artifacts): the file itself on a local filesystem, else a temporary copy."""
+        if self.is_local:
+            yield Path(self._full(rel))
+            return
+        with tempfile.TemporaryDirectory(prefix="hypersweep-") as tmp:
+            local = Path(tmp) / (posixpath.basename(rel) or self.name)
+            pafs.copy_files(self._full(rel), str(local), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            yield local
+
+    def delete(self, rel: str) -> None:
+        if self.is_file(rel):
+            self.fs.delete_file(self._full(rel))
+
+
+class StudyDir(Folder):
+    """Every file of one study directory (see the module docstring)."""
+
+    STUDY = "study.yaml"
+    PARTS = "results"
+    RESULTS = "results.parquet"
+    RUNS = "runs.json"
+    ARMS = "arms.json"
+    SUMMARY = "summary.md"
+    PLOTS = "plots"
+    ENSEMBLES = "ensembles"
+    TUNE = "tune"
+    REPORT = "report.md"
+    ANYTIME = "anytime.png"
+    ENSEMBLES_REPORT = "ensembles.md"
+
+    @property
+    def study_id(self) -> str:
+        return self.name
+
+    def is_study(self) -> bool:
+        return self.is_file(self.STUDY)
+
+    def create(self, study_yaml: str) -> None:
+        """Make the directory with its resolved study file; an existing one is never reused."""
+        if self.exists():
+            raise FileExistsError(f"{self} already exists")
+        self.makedirs()
+        self.makedirs(self.PARTS)
+        self.write_text(self.STUDY, study_yaml)
+
+    # -- the study file and the small records ------------------------------------------------
+    def study_yaml(self) -> str:
+        return self.read_text(self.STUDY)
+
+    def study_dict(self) -> dict[str, Any]:
+        import yaml
+        return yaml.safe_load(self.study_yaml())
+
+    def runs(self) -> dict[str, Any]:
+        return self.read_json(self.RUNS, {})
+
+    def write_runs(self, runs: dict[str, Any]) -> None:
+        self.write_json(self.RUNS, runs)
+
+    def arms(self) -> dict[str, Any]:
+        return self.read_json(self.ARMS, {})
+
+    def write_arms(self, arms: dict[str, Any]) -> None:
+        self.write_json(self.ARMS, arms)
+
+    # -- results: one part per arm x seed, consolidated into results.parquet -----------------
+    @staticmethod
+    def part_name(arm: str, seed_index: int) -> str:
+        return f"{StudyDir.PARTS}/{arm}__seed{seed_index}.parquet"
+
+    def write_part(self, arm: str, seed_index: int, rows: list[dict[str, Any]]) -> str:
+        df = pd.DataFrame(rows)
+        if df.empty:
+            df = pd.DataFrame(columns=KEY_COLUMNS)
+        return self.write_table(self.part_name(arm, seed_index),
+                                df[KEY_COLUMNS + [c for c in df.columns if c not in KEY_COLUMNS]])
+
+    def read_part(self, arm: str, seed_index: int) -> pd.DataFrame | None:
+        return self.read_table(self.part_name(arm, seed_index))
+
+    def results(self) -> pd.DataFrame:
+        """Every report so far: all parts (those of running arms included), in one table."""
+        frames = [self.read_table(f"{self.PARTS}/{name}") for name in self.list(self.PARTS, suffix=".parquet")]
+        frames = [f for f in frames if f is not None and not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS)
+
+    def consolidate(self) -> str:
+        """Rewrite results.parquet from the parts."""
+        return self.write_table(self.RESULTS, self.results())
+
+    # -- folders of other writers ---------------------------------------------------------------
+    def plot_name(self, arm: str, seed_index: int) -> str:
+        return f"{self.PLOTS}/schedule-{arm}-seed{seed_index}.png"
+
+    def ensemble_folder(self, arm: str, seed_index: int) -> Folder:
+        return self.sub(f"{self.ENSEMBLES}/{arm}-seed{seed_index}")
+
+    def ensemble_folders(self) -> list[Folder]:
+        return [self.sub(f"{self.ENSEMBLES}/{name}") for name in self.list(self.ENSEMBLES, dirs=True)]
+
+    def tune_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """Ray Tune's (storage_path, storage_filesystem) for this study's experiments."""
+        return (self._full(self.TUNE), None) if self.is_local else (self._full(self.TUNE), self.fs)
+
+    def tune_experiment(self, arm: str, seed_index: int) -> str:
+        return f"{arm}-seed{seed_index}"
+
+    def trial_folders(self) -> list[Folder]:
+        """Every trial folder under tune/ (tune/<experiment>/<trial>/)."""
+        out = []
+        for exp in self.list(self.TUNE, dirs=True):
+            for trial in self.list(f"{self.TUNE}/{exp}", dirs=True):
+                out.append(self.sub(f"{self.TUNE}/{exp}/{trial}"))
+        return out
+
