@@ -17,6 +17,9 @@ from hypersweep.methods.passes import minibatch_pass
 
 
 class AlternatingTuner:
+    family = "tuner"  # tunes hyperparameters within one run
+    generative = False
+
     def _init_loop(self, train_steps: int, val_steps: int) -> None:
         self.train_steps_per_round, self.val_steps_per_round = train_steps, val_steps
         self.epoch, self.steps, self.val_cursor = 0, 0, 0

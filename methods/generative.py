@@ -23,6 +23,9 @@ from hypersweep.methods.targets import TargetNet
 
 
 class GenerativeMethod:
+    family = "generative"
+    generative = True
+
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu"):
         self.target, self.splits, self.device = target, splits, torch.device(device)

@@ -49,6 +49,9 @@ def dropout_rates(hp: Mapping[str, Any], n_dropout_sites: int) -> list[float]:
 
 
 class SGD:
+    family = "plain"
+    generative = False
+
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu", schedule: Sequence[Sequence[Any]] | None = None):
         """`schedule`: [[epoch, {dropout_in | dropout_<k> | input_noise: value}], ...], e.g. one

@@ -6,7 +6,8 @@ import pickle
 import cloudpickle
 import pytest
 
-from hypersweep.workers import TRAINABLES, trainable_class
+from hypersweep.methods import METHODS
+from hypersweep.workers import trainable_class
 
 # One small config per method; a new method adds its line here.
 CONFIGS = {
@@ -26,7 +27,7 @@ TIMING = {"step_time_s", "wall_time_s", "time_this_iter_s", "time_total_s", "tim
 
 
 def test_every_trainable_is_in_the_contract():
-    assert set(CONFIGS) == set(TRAINABLES)
+    assert set(CONFIGS) == set(METHODS)
 
 
 def _config(method, dataset="digits"):
@@ -39,7 +40,7 @@ def _metrics(result):
     return {k: v for k, v in result.items() if k not in TIMING and k != "config"}
 
 
-@pytest.mark.parametrize("method", sorted(TRAINABLES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dataset", ["digits", "synthetic-regression"])
 def test_contract(method, dataset, tmp_path):
     cls = trainable_class(method)
@@ -80,7 +81,7 @@ def test_a_diverged_trial_fails_instead_of_reporting_nan():
     t.stop()
 
 
-@pytest.mark.parametrize("method", sorted(TRAINABLES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_deadline_ends_an_epoch_between_minibatches(method):
     """Past the deadline, a pass stops after one minibatch and is not counted as an epoch."""
     import time

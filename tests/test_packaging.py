@@ -1,0 +1,36 @@
+"""The wheel installs one import name, `hypersweep`, and nothing else into site-packages."""
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_has_one_top_level_name_and_imports_in_a_fresh_venv(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    wheel, = (tmp_path / "wheel").glob("hypersweep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"hypersweep", wheel.name.split("-py")[0] + ".dist-info"}
+    assert {n.split("/")[1] for n in names if n.startswith("hypersweep/")} == {"orchestrator", "workers", "methods"}
+    assert "hypersweep/orchestrator/cli.py" in names and "hypersweep/methods/sgd.py" in names
+
+    # A virtualenv outside the repository, without this machine's site-packages (where the
+    # development install lives); the packages' __init__ modules need no dependency.
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False, system_site_packages=False)
+    python = env / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True)
+
+    def imports(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), "-c", f"import {module}; print({module}.__name__)"], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    for module in ("hypersweep.orchestrator", "hypersweep.workers", "hypersweep.methods"):
+        done = imports(module)
+        assert done.returncode == 0 and done.stdout.strip() == module, done.stderr
+    for module in ("orchestrator", "workers", "methods"):
+        assert "ModuleNotFoundError" in imports(module).stderr
