@@ -10,6 +10,7 @@ the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
 
     study.yaml                     the resolved study
     results/<arm>__seed<k>.parquet one part per arm x seed, rewritten while it runs
+    results/<arm>__seed<k>.jsonl   its journal: every report appended as it arrives
     results.parquet                all parts, consolidated
     runs.json                      arm/seed -> MLflow run ids (and the tracking URI)
     arms.json                      status and wall time used per arm x seed
@@ -47,6 +48,11 @@ def _open(location: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tu
         fs, path = pafs.FileSystem.from_uri(text)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy scalars in report rows."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 class Folder:
@@ -238,6 +244,45 @@ class StudyDir(Folder):
 
     def read_part(self, arm: str, seed_index: int) -> pd.DataFrame | None:
         return self.read_table(self.part_name(arm, seed_index))
+
+    # -- the journal: every report appended as it arrives, the part's source on a resume ----
+    @staticmethod
+    def journal_name(arm: str, seed_index: int) -> str:
+        return f"{StudyDir.PARTS}/{arm}__seed{seed_index}.jsonl"
+
+    def append_journal(self, arm: str, seed_index: int, rows: list[dict[str, Any]]) -> None:
+        """Append reports, one JSON line each. A report is in the journal before it is sent to
+        MLflow, so a coordinator killed at any moment loses no report it had received.
+        Filesystems without appends (object stores) get the journal rewritten instead."""
+        if not rows:
+            return
+        name = self.journal_name(arm, seed_index)
+        data = "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode()
+        full = self._full(name)
+        try:
+            with self.fs.open_append_stream(full) as f:
+                f.write(data)
+        except (NotImplementedError, OSError):  # pyarrow raises ArrowNotImplementedError (a NotImplementedError)
+            old = self.read_bytes(name) if self.is_file(name) else b""
+            self.write_bytes(name, old + data)
+
+    def read_journal(self, arm: str, seed_index: int) -> list[dict[str, Any]]:
+        """The journal's reports in arrival order, a report replayed after a restore (same
+        trial and step) kept once, a line cut by a crash dropped."""
+        name = self.journal_name(arm, seed_index)
+        if not self.is_file(name):
+            return []
+        rows, seen = [], set()
+        for line in self.read_text(name).splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the last line of a coordinator killed mid-write
+                continue
+            key = (row["trial_id"], row["step"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        return rows
 
     def results(self) -> pd.DataFrame:
         """Every report so far: all parts (those of running arms included), in one table."""

@@ -1,0 +1,40 @@
+"""The arms' deadlines where every trial can read them: one named Ray actor per coordinator.
+
+A trial's config carries the deadline its arm had when the trial was created. A trial restored
+by `Tuner.restore` after the coordinator died keeps that config (Tune does not rebuild the
+configs of existing trials), but its arm's budget now ends elsewhere: the resumed arm is
+charged the time it had used and gets the rest from the moment it resumes. So the coordinator
+posts each arm's current deadline (wall-clock seconds) on this board, under the arm's key in
+the trial config (`deadline_key`), and trials read it at the start of every step.
+"""
+from __future__ import annotations
+
+import ray
+
+BOARD_NAME = "hypersweep-deadlines"
+
+
+@ray.remote(num_cpus=0)
+class DeadlineBoard:
+    def __init__(self):
+        self._at: dict[str, float] = {}
+
+    def post(self, key: str, at: float) -> None:
+        self._at[key] = at
+
+    def read(self, key: str) -> float | None:
+        return self._at.get(key)
+
+
+def deadline_board():
+    """The board of this Ray job (made on first use; it lives as long as the coordinator)."""
+    return DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
+
+
+def posted_deadline(key: str) -> float | None:
+    """The deadline posted for `key`, or None (no board: a trial outside a study)."""
+    try:
+        board = ray.get_actor(BOARD_NAME)
+    except ValueError:
+        return None
+    return ray.get(board.read.remote(key))
