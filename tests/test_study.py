@@ -7,6 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.searches import SEARCHES
 from hypersweep.orchestrator.study import StudyError, load_study, parse_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,7 +40,7 @@ BAD = [
     ("budget negative", _set(["budget", "seconds"], -5), "budget.seconds"),
     ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-hpo, hyper-ml, hyper-posterior, sgd, stn"),
     ("unknown search", _set(["arms", 0, "search"], "bohb"),
-     "arms[0].search: unknown search 'bohb'; valid: fixed, grid, random, tpe, gp, replay"),
+     f"arms[0].search: unknown search 'bohb'; valid: {', '.join(SEARCHES)}"),
     ("unknown dataset", _set(["dataset", "name"], "imagenet"), "dataset.name: unknown dataset 'imagenet'"),
     ("unknown hyperparameter", _set(["arms", 0, "space", "momentum2"], {"uniform": [0, 1]}),
      "arms[0].space.momentum2: unknown hyperparameter"),
@@ -63,7 +64,8 @@ BAD = [
     ("pbt with tpe", lambda raw: raw["arms"][0].update(scheduler="pbt", search="tpe"),
      "arms[0].scheduler: scheduler 'pbt' mutates the trials of a non-learning search; it works with search grid, random, not 'tpe'"),
     ("asha with fixed", lambda raw: raw["arms"][0].update(scheduler="asha", search="fixed", space={}),
-     "arms[0].scheduler: scheduler 'asha' stops the worse of several trials; it works with search grid, random, tpe, gp, not 'fixed'"),
+     "arms[0].scheduler: scheduler 'asha' stops the worse of several trials; it works with search "
+     f"{', '.join(name for name, search in SEARCHES.items() if search.black_box)}, not 'fixed'"),
     ("asha reduction factor", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"reduction_factor": 1}),
      "arms[0].scheduler_options.reduction_factor: expected a number > 1, got 1.0"),
     ("asha grace period", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"grace_period": 0}),
