@@ -8,7 +8,7 @@ stops or mutates those trials on top of it (a Tune trial scheduler). Each entry 
   loads neither;
 - the rules the study loader (study.py) enforces: the space forms a search accepts (none: it
   takes no space), a scheduler's options with their ranges and the searches it works with;
-- the flags planning.py and report.py read (`crosses`, `replicas`, `black_box`).
+- the flags planning.py and report.py read (`crosses`, `replicas`, `black_box`, ...).
 
 A new search (say Optuna's CMA-ES sampler) is one entry in `SEARCHES`: tests/test_searches.py
 parametrises over the registry, so the contract covers it without more code.
@@ -51,7 +51,7 @@ class Search:
     one_trial: bool = False  # num_samples must be 1
     learns: bool = False  # proposes from the results so far (a Tune Searcher); PBT takes none
     black_box: bool = False  # its best result is a baseline in report.py's time-to-baseline
-    check: Callable[..., None] | None = None  # (study, arm index, fail(key, msg)): further arm rules
+    check: Callable[..., None] | None = None  # (study, arm index, fail(key, msg) raises): more arm rules
 
 
 @dataclass(frozen=True, kw_only=True)
