@@ -19,7 +19,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stn-vs-bo-digits.yam
 def main(argv: list[str] | None = None) -> None:
     import numpy as np
     argv = sys.argv[1:] if argv is None else argv
-    from hypersweep.orchestrator.report import BLACK_BOX, anytime_curves, load_study_records, time_to_reach
+    from hypersweep.orchestrator.report import anytime_curves, load_study_records, time_to_reach
+    from hypersweep.orchestrator.searches import BLACK_BOX
     from hypersweep.orchestrator.studydir import StudyDir
     if argv:
         study_dir = Path(argv[0])

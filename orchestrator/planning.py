@@ -1,4 +1,5 @@
-"""From a study to Tune: the per-trial config, search spaces as Tune domains, the searcher.
+"""From a study to Tune: the per-trial config, search spaces as Tune domains, the searcher and
+scheduler (built by their entries in searches.py).
 
 Kept free of Ray imports at module level, so planning can be tested and `validate` stays fast.
 """
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hypersweep.methods.seeding import repetition_seeds
+from hypersweep.orchestrator.searches import scheduler_entry, search_entry, tune_domain
 from hypersweep.orchestrator.study import ArmConfig, Study
 
 
@@ -41,27 +43,10 @@ def plan(study: Study) -> list[ArmSeed]:
     return out
 
 
-def tune_domain(domain: dict[str, list[Any]], grid: bool = False):
-    """The Tune domain of a YAML space entry; under search 'grid', listed values (grid or
-    choice) are all crossed."""
-    from ray import tune
-    (form, values), = domain.items()
-    if grid:
-        return tune.grid_search(values)
-    if form == "uniform":
-        return tune.uniform(*values)
-    if form == "loguniform":
-        return tune.loguniform(*values)
-    if form == "int":
-        return tune.randint(values[0], values[1] + 1)  # YAML bounds are inclusive
-    if form == "choice":
-        return tune.choice(values)
-    return tune.grid_search(values)
-
-
 def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> dict[str, Any]:
     """The param_space of one arm x seed: fixed values plus Tune domains for searched ones."""
     root = data_root or study.dataset.root
+    search = search_entry(unit.arm.search)
     split_index = unit.seed_index  # the UCI protocol's split index is the repetition
     return {
         "method": unit.arm.method,
@@ -69,10 +54,10 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
                     "val_fraction": study.dataset.val_fraction, "test_fraction": study.dataset.test_fraction,
                     "split_index": split_index},
         "model": study.model.target_options(),
-        "hp": {**unit.arm.params, **{k: tune_domain(v, grid=unit.arm.search == "grid") for k, v in unit.arm.space.items()}},
+        "hp": {**unit.arm.params, **{k: tune_domain(v, grid=search.crosses) for k, v in unit.arm.space.items()}},
         "seed": unit.seed,
-        # a fixed arm's num_samples: independent replicas (own init and noise seeds), e.g. a deep ensemble
-        "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if unit.arm.search == "fixed" else 0,
+        # replicas (a fixed arm's num_samples): own init and noise seeds, e.g. a deep ensemble
+        "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if search.replicas else 0,
         "schedule": None,  # search 'replay': filled in by the runner from the STN arm's records
         "data_seed": unit.seed,
         "epochs_per_step": study.training.epochs_per_step,
@@ -81,40 +66,17 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
 
 
 def searcher(unit: ArmSeed):
-    """The Tune search algorithm for the arm's `search`, seeded with the arm's search seed:
-    Tune's variant generator (fixed, grid, random, replay) or Optuna's TPE / Gaussian-process
-    samplers through OptunaSearch (tpe, gp)."""
-    seed = unit.search_seed % (2 ** 32)
-    if unit.arm.search in ("fixed", "grid", "random", "replay"):
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-        return BasicVariantGenerator(random_state=np.random.default_rng(unit.search_seed))
-    if unit.arm.search in ("tpe", "gp"):
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=seed) if unit.arm.search == "tpe" else \
-            optuna.samplers.GPSampler(seed=seed)
-        return OptunaSearch(sampler=sampler, seed=seed)
-    raise ValueError(f"unknown search {unit.arm.search!r}")
+    """The Tune search algorithm of the arm's search (searches.SEARCHES), seeded with the arm's
+    search seed."""
+    return search_entry(unit.arm.search).build(seed=unit.search_seed)
 
 
 def scheduler(unit: ArmSeed, max_steps: int):
-    """The arm's Tune trial scheduler (None: FIFO). Times are in reports (training_iteration)."""
-    options = dict(unit.arm.scheduler_options)
-    if unit.arm.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-        return ASHAScheduler(time_attr="training_iteration", max_t=max(max_steps, 1),
-                             grace_period=int(options.get("grace_period", 1)),
-                             reduction_factor=options.get("reduction_factor", 3))
-    if unit.arm.scheduler == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-        mutations = {"hp": {k: (v["grid"] if "grid" in v else v["choice"] if "choice" in v else tune_domain(v))
-                            for k, v in unit.arm.space.items()}}
-        return PopulationBasedTraining(time_attr="training_iteration",
-                                       perturbation_interval=int(options.get("perturbation_interval", 2)),
-                                       quantile_fraction=options.get("quantile_fraction", 0.25),
-                                       hyperparam_mutations=mutations)  # PBT draws from Python's `random`
-    return None
+    """The arm's Tune trial scheduler (None: FIFO), seeded with the arm's search seed. Times are
+    in reports (training_iteration); `max_steps` is a trial's last report."""
+    entry = scheduler_entry(unit.arm.scheduler)
+    return entry.build(seed=unit.search_seed, options=entry.resolve(unit.arm.scheduler_options),
+                       space=unit.arm.space, max_steps=max_steps)
 
 
 def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
@@ -138,5 +100,5 @@ def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
 
 
 def num_samples(unit: ArmSeed) -> int:
-    """Tune's num_samples: a fixed arm's replicas are a grid, which Tune runs once."""
-    return 1 if unit.arm.search == "fixed" else unit.arm.num_samples
+    """Tune's num_samples: replicas are a grid over `replica`, which Tune runs once."""
+    return 1 if search_entry(unit.arm.search).replicas else unit.arm.num_samples

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hypersweep.orchestrator.searches import BLACK_BOX  # the searches whose best result is "the best baseline"
 from hypersweep.orchestrator.studydir import StudyDir
-
-BLACK_BOX = ("grid", "random", "tpe", "gp")  # the searches whose best result is "the best baseline"
 
 
 def quality(df: pd.DataFrame) -> str:
@@ -128,7 +127,7 @@ def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: fl
              status: str) -> str:
     lines = [f"## {study}", "",
              f"Budget {budget_s:g} s per arm x seed; arms ran {schedule}; {status}. Baseline for 'time to "
-             f"baseline': {baseline or 'none (no grid/random/tpe/gp arm)'}'s final median val_loss.", "",
+             f"baseline': {baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.", "",
              "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for row in table.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")

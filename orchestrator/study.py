@@ -12,10 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SEARCHES = ("fixed", "grid", "random", "tpe", "gp", "replay")  # how an arm's hyperparameters are chosen
-SCHEDULERS = ("none", "asha", "pbt")  # Tune trial schedulers on top of a search
-SCHEDULER_OPTIONS = {"asha": ("grace_period", "reduction_factor"), "pbt": ("perturbation_interval", "quantile_fraction")}
-DOMAINS = ("uniform", "loguniform", "int", "choice", "grid")  # search-space forms in YAML
+from hypersweep.orchestrator.searches import FORMS, SCHEDULERS, SEARCHES
 
 
 class StudyError(ValueError):
@@ -61,14 +58,14 @@ class EnsembleConfig(_Frozen):
 class ArmConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: str
-    search: str = "fixed"
+    search: str = "fixed"  # a name in searches.SEARCHES
     replay: str | None = None  # search 'replay': the STN arm whose learned schedule this arm trains with
     params: dict[str, Any] = {}  # fixed hyperparameter values
     space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
     # trials for random search; repeats of the grid; independent replicas of a fixed arm
     num_samples: int = Field(1, ge=1)
-    scheduler: str = "none"  # asha (early stopping) or pbt (population based training)
-    scheduler_options: dict[str, float] = {}  # asha: grace_period, reduction_factor; pbt: perturbation_interval, quantile_fraction
+    scheduler: str = "none"  # a name in searches.SCHEDULERS: asha (early stopping), pbt (population based training)
+    scheduler_options: dict[str, float] = {}  # the scheduler's options (searches.SCHEDULERS), e.g. asha's grace_period
     ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
     max_epochs: int | None = Field(None, ge=1)  # per trial; default training.max_epochs
 
@@ -182,7 +179,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 
 
 def _check_semantics(study: Study, source: str) -> None:
-    from hypersweep.methods import METHODS, method_module
+    from hypersweep.methods import METHODS, is_generative, method_module
     from hypersweep.methods.data import check_name
     from hypersweep.methods.targets import n_dropout_sites
 
@@ -202,8 +199,6 @@ def _check_semantics(study: Study, source: str) -> None:
         if study.budget.workers % len(study.arms):
             fail("budget.workers", f"schedule 'concurrent' gives every arm the same share: {study.budget.workers} "
                  f"slots do not divide among {len(study.arms)} arms")
-        if any(a.search == "replay" for a in study.arms):
-            fail("budget.schedule", "a replay arm needs its STN arm's schedule first; use schedule: sequential")
     names = [a.name for a in study.arms]
     for i, arm in enumerate(study.arms):
         at = f"arms[{i}]"
@@ -213,6 +208,7 @@ def _check_semantics(study: Study, source: str) -> None:
             fail(f"{at}.method", f"unknown method {arm.method!r}; valid: {', '.join(sorted(METHODS))}")
         if arm.search not in SEARCHES:
             fail(f"{at}.search", f"unknown search {arm.search!r}; valid: {', '.join(SEARCHES)}")
+        search = SEARCHES[arm.search]
         declared = method_module(arm.method).hyperparameters(
             n_dropout_sites(study.model.kind, study.model.hidden))
         for key, value in arm.params.items():
@@ -223,35 +219,30 @@ def _check_semantics(study: Study, source: str) -> None:
                 fail(f"{at}.params.{key}", problem)
         if arm.scheduler not in SCHEDULERS:
             fail(f"{at}.scheduler", f"unknown scheduler {arm.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-        for key in arm.scheduler_options:
-            if key not in SCHEDULER_OPTIONS.get(arm.scheduler, ()):
+        scheduler = SCHEDULERS[arm.scheduler]
+        for key, value in arm.scheduler_options.items():
+            if key not in scheduler.options:
                 fail(f"{at}.scheduler_options.{key}", f"not an option of scheduler {arm.scheduler!r}; valid: "
-                     f"{', '.join(SCHEDULER_OPTIONS.get(arm.scheduler, ())) or 'none'}")
-        if arm.scheduler != "none" and arm.search in ("fixed", "replay"):
-            fail(f"{at}.scheduler", f"a scheduler needs several trials to compare; search is {arm.search!r}")
-        if arm.scheduler == "pbt" and arm.search not in ("random", "grid"):
-            fail(f"{at}.scheduler", f"pbt mutates random or grid trials; search is {arm.search!r}")
-        if arm.search == "replay":
-            earlier = {a.name: a for a in study.arms[:i]}
-            source = earlier.get(arm.replay or "")
-            if source is None or source.method != "stn":
-                fail(f"{at}.search.replay", f"{arm.replay!r} is not an stn arm listed before this one"
-                     f"{'; stn arms: ' + ', '.join(n for n, a in earlier.items() if a.method == 'stn') if earlier else ''}")
-            if arm.method != "sgd":
-                fail(f"{at}.method", f"a replayed schedule trains 'sgd', got {arm.method!r}")
-            tuned = source.params.get("tune", "dropout,input_noise")
-            if any(g.strip() not in ("dropout", "input_noise") for g in tuned.split(",")):
-                fail(f"{at}.search.replay", f"sgd replays dropout and input noise schedules; {arm.replay!r} tunes {tuned!r}")
-            if arm.space or arm.num_samples != 1:
-                fail(f"{at}.search", "a replay arm runs one trial with the learned schedule; no space or num_samples")
+                     f"{', '.join(scheduler.options) or 'none'}")
+            problem = scheduler.options[key].check(value)
+            if problem:
+                fail(f"{at}.scheduler_options.{key}", problem)
+        if not scheduler.works_with(search):
+            fits = [name for name, s in SEARCHES.items() if scheduler.works_with(s)]
+            fail(f"{at}.scheduler", f"scheduler {arm.scheduler!r} {scheduler.does}; it works with search "
+                 f"{', '.join(fits)}, not {arm.search!r}")
+        if search.check:
+            search.check(study, i, fail)
         elif arm.replay is not None:
             fail(f"{at}.replay", "only with search: replay")
-        if arm.search == "fixed":
-            if arm.space:
-                fail(f"{at}.space", "search 'fixed' takes no space; use search: random or grid")
-        elif not arm.space and arm.search != "replay":
+        if search.one_trial and arm.num_samples != 1:
+            fail(f"{at}.num_samples", f"search {arm.search!r} runs one trial per seed; num_samples must be 1")
+        if not search.forms and arm.space:
+            fail(f"{at}.space", f"search {arm.search!r} takes no space; searches with one: "
+                 f"{', '.join(name for name, s in SEARCHES.items() if s.forms)}")
+        if search.forms and not arm.space:
             fail(f"{at}.space", f"search {arm.search!r} needs a space of hyperparameters to search")
-        if arm.ensemble and not _is_generative(arm.method) and arm.ensemble.members > arm.num_samples:
+        if arm.ensemble and not is_generative(arm.method) and arm.ensemble.members > arm.num_samples:
             fail(f"{at}.ensemble.members", f"{arm.method!r} is not generative: an ensemble of {arm.ensemble.members} "
                  f"takes the best of its trials, and num_samples is {arm.num_samples}")
         for key, domain in arm.space.items():
@@ -263,19 +254,17 @@ def _check_semantics(study: Study, source: str) -> None:
             _check_domain(domain, declared[key], arm.search, lambda msg: fail(where, msg))
 
 
-def _is_generative(method: str) -> bool:
-    from hypersweep.methods import method_module
-    return hasattr(method_module(method).METHOD, "sample_weights")
-
-
-def _check_domain(domain: dict[str, list[Any]], hp, search: str, fail) -> None:
-    if len(domain) != 1 or next(iter(domain)) not in DOMAINS:
-        fail(f"expected one of {', '.join(DOMAINS)} with a list, e.g. {{uniform: [0.0, 0.5]}}")
+def _check_domain(domain: dict[str, list[Any]], hp, search_name: str, fail) -> None:
+    search = SEARCHES[search_name]
+    if len(domain) != 1 or next(iter(domain)) not in FORMS:
+        fail(f"expected one of {', '.join(FORMS)} with a list, e.g. {{uniform: [0.0, 0.5]}}")
     (form, values), = domain.items()
-    if search == "grid" and form not in ("grid", "choice"):
-        fail(f"search 'grid' needs listed values ({{grid: [...]}}), got {form!r}")
-    if search in ("tpe", "gp", "random") and form == "grid":
-        fail(f"search {search!r} samples its space; grid values belong to search: grid (use choice)")
+    if form not in search.forms:
+        how = "crosses listed values" if search.crosses else "samples its space"
+        fail(f"search {search_name!r} {how} ({', '.join(search.forms)}), got {form!r}"
+             f"{'; grid values belong to search: ' + ' or '.join(n for n, s in SEARCHES.items() if s.crosses) + ' (use choice)' if form == 'grid' else ''}")
+    if form in ("uniform", "loguniform") and hp.kind is int:
+        fail(f"{form} draws real numbers and {hp.name!r} is an integer; use int: [low, high]")
     if form in ("uniform", "loguniform", "int"):
         if len(values) != 2:
             fail(f"{form} takes [low, high], got {values!r}")

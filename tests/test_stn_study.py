@@ -71,9 +71,19 @@ def test_replay_schedule_from_rows():
     (lambda arms: arms[1].update(search={"replay": "stn", "x": 1}), "search as a mapping takes one key"),
     (lambda arms: arms[0]["params"].update(variant="stn2"), "arms[0].params.variant: 'stn2' is not one of stn, delta-stn"),
     (lambda arms: arms[0]["params"].update(tune="dropout,colour"), "'colour' is not one of dropout, input_noise"),
+    (lambda arms: arms[1].update(space={"lr": {"uniform": [0.01, 0.1]}}), "arms[1].space: search 'replay' takes no space"),
+    (lambda arms: arms[1].update(num_samples=2), "arms[1].num_samples: search 'replay' runs one trial per seed"),
+    (lambda arms: arms[1].update(replay="stn", search="fixed"), "arms[1].replay: only with search: replay"),
 ])
 def test_replay_and_stn_errors(change, message):
     raw = copy.deepcopy(STUDY)
     change(raw["arms"])
     with pytest.raises(StudyError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_study(raw, "s.yaml")
+
+
+def test_replay_needs_the_sequential_schedule():
+    raw = copy.deepcopy(STUDY)
+    raw["budget"] = {"seconds": 30, "workers": 2, "schedule": "concurrent"}
+    with pytest.raises(StudyError, match=r"budget\.schedule: a replay arm needs its STN arm's schedule first"):
         parse_study(raw, "s.yaml")

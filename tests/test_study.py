@@ -7,6 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.searches import SEARCHES
 from hypersweep.orchestrator.study import StudyError, load_study, parse_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -38,7 +39,8 @@ BAD = [
     ("budget zero", _set(["budget", "seconds"], 0), "budget.seconds: Input should be greater than 0"),
     ("budget negative", _set(["budget", "seconds"], -5), "budget.seconds"),
     ("unknown method", _set(["arms", 0, "method"], "nope"), "arms[0].method: unknown method 'nope'; valid: hyper-diverse, hyper-hpo, hyper-ml, hyper-posterior, sgd, stn"),
-    ("unknown search", _set(["arms", 0, "search"], "bohb"), "arms[0].search: unknown search 'bohb'"),
+    ("unknown search", _set(["arms", 0, "search"], "bohb"),
+     f"arms[0].search: unknown search 'bohb'; valid: {', '.join(SEARCHES)}"),
     ("unknown dataset", _set(["dataset", "name"], "imagenet"), "dataset.name: unknown dataset 'imagenet'"),
     ("unknown hyperparameter", _set(["arms", 0, "space", "momentum2"], {"uniform": [0, 1]}),
      "arms[0].space.momentum2: unknown hyperparameter"),
@@ -55,10 +57,38 @@ BAD = [
     ("concurrent needs slots", lambda raw: raw["budget"].update(schedule="concurrent", workers=1) or
      raw["arms"].append(dict(raw["arms"][0], name="b")), "budget.workers: schedule 'concurrent' splits the worker slots"),
     ("unknown schedule", _set(["budget", "schedule"], "parallel"), "budget.schedule"),
-    ("unknown scheduler", _set(["arms", 0, "scheduler"], "hyperband"), "arms[0].scheduler: unknown scheduler 'hyperband'"),
+    ("unknown scheduler", _set(["arms", 0, "scheduler"], "hyperband"),
+     "arms[0].scheduler: unknown scheduler 'hyperband'; valid: none, asha, pbt"),
     ("scheduler option", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"eta": 3}),
      "arms[0].scheduler_options.eta: not an option of scheduler 'asha'"),
-    ("pbt with tpe", lambda raw: raw["arms"][0].update(scheduler="pbt", search="tpe"), "pbt mutates random or grid trials"),
+    ("pbt with tpe", lambda raw: raw["arms"][0].update(scheduler="pbt", search="tpe"),
+     "arms[0].scheduler: scheduler 'pbt' mutates the trials of a non-learning search; it works with search grid, random, not 'tpe'"),
+    ("asha with fixed", lambda raw: raw["arms"][0].update(scheduler="asha", search="fixed", space={}),
+     "arms[0].scheduler: scheduler 'asha' stops the worse of several trials; it works with search "
+     f"{', '.join(name for name, search in SEARCHES.items() if search.black_box)}, not 'fixed'"),
+    ("asha reduction factor", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"reduction_factor": 1}),
+     "arms[0].scheduler_options.reduction_factor: expected a number > 1, got 1.0"),
+    ("asha grace period", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"grace_period": 0}),
+     "arms[0].scheduler_options.grace_period: expected a whole number >= 1, got 0.0"),
+    ("asha grace period nan", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"grace_period": float("nan")}),
+     "arms[0].scheduler_options.grace_period: expected a whole number >= 1, got nan"),
+    ("asha grace period fraction", lambda raw: raw["arms"][0].update(scheduler="asha", scheduler_options={"grace_period": 1.5}),
+     "arms[0].scheduler_options.grace_period: expected a whole number >= 1, got 1.5"),
+    ("pbt quantile zero", lambda raw: raw["arms"][0].update(scheduler="pbt", scheduler_options={"quantile_fraction": 0}),
+     "arms[0].scheduler_options.quantile_fraction: expected a number in (0, 0.5], got 0.0"),
+    ("pbt quantile above half", lambda raw: raw["arms"][0].update(scheduler="pbt", scheduler_options={"quantile_fraction": 0.6}),
+     "arms[0].scheduler_options.quantile_fraction: expected a number in (0, 0.5], got 0.6"),
+    ("pbt interval", lambda raw: raw["arms"][0].update(scheduler="pbt", scheduler_options={"perturbation_interval": 0}),
+     "arms[0].scheduler_options.perturbation_interval: expected a whole number >= 1, got 0.0"),
+    ("uniform on an integer", _set(["arms", 0, "space", "batch_size"], {"uniform": [16, 128]}),
+     "arms[0].space.batch_size: uniform draws real numbers and 'batch_size' is an integer; use int: [low, high]"),
+    ("loguniform on an integer", _set(["arms", 0, "space", "batch_size"], {"loguniform": [16, 128]}),
+     "arms[0].space.batch_size: loguniform draws real numbers and 'batch_size' is an integer"),
+    ("grid form in random", _set(["arms", 0, "space", "lr"], {"grid": [0.01, 0.1]}),
+     "arms[0].space.lr: search 'random' samples its space (uniform, loguniform, int, choice), got 'grid'; "
+     "grid values belong to search: grid (use choice)"),
+    ("uniform in grid", lambda raw: raw["arms"][0].update(search="grid"),
+     "arms[0].space.lr: search 'grid' crosses listed values (grid, choice), got 'loguniform'"),
     ("grid values in tpe", lambda raw: raw["arms"][0].update(search="tpe", space={"lr": {"grid": [0.1, 0.2]}}),
      "search 'tpe' samples its space"),
 ]
