@@ -40,13 +40,26 @@ def run_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, clock: Clock
     if isinstance(prepared, str):
         refuse_arm(ctx, tracker, study_dir, prepared)
         return
-    ctx.status.status = "running"
     recorder = Recorder(ctx, tracker, study_dir)
+    resume = _resume_point(recorder)
+    ctx.status.status = "running"
     outcome = None
     try:
-        outcome = tune_arm(ctx.study, study_dir, ctx.unit, prepared, ctx.study.budget.workers, recorder.handle, clock)
+        outcome = tune_arm(ctx.study, study_dir, ctx.unit, prepared, ctx.study.budget.workers, recorder.handle,
+                           clock=clock, **resume)
     finally:
         finish_arm(recorder, outcome)
+
+
+def _resume_point(recorder: Recorder) -> dict[str, Any]:
+    """How a (resumed) arm goes on: the wall time it had used (the last heartbeat, or its last
+    report if that is later) and whether its Tune experiment is restored."""
+    status = recorder.ctx.status
+    if status.status != "interrupted":
+        return {"used_s": 0.0, "restore": False}
+    used = max([status.wall_time_used_s] + [row["arm_time_s"] for row in recorder.rows])
+    status.elapsed_s = used
+    return {"used_s": used, "restore": True}
 
 
 def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: StudyDir, data_root: str | None) -> None:
@@ -65,10 +78,11 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
         if isinstance(prepared, str):
             refuse_arm(ctx, tracker, study_dir, prepared)
             continue
-        ctx.status.status = "running"
         queue = Queue(actor_options={"num_cpus": 0})
         recorder = Recorder(ctx, tracker, study_dir)
-        ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue))
+        resume = _resume_point(recorder)
+        ctx.status.status = "running"
+        ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue), **resume)
         running.append((recorder, queue, ref))
 
     def drain(queue, recorder):
@@ -110,6 +124,11 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
     for trial_run in recorder.trial_runs.values():  # trials the budget cut short
         tracker.end_if_open(trial_run, "KILLED")
     if outcome is None:
+        return
+    if outcome.get("interrupted"):  # stopped by SIGINT/SIGTERM: `resume` restores its Tune experiment
+        status.status = "interrupted"
+        status.interruptions += 1
+        tracker.end_run(run_id, "KILLED")
         return
     errors = outcome["errors"]
     if "error" in outcome:

@@ -96,14 +96,66 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     target = _study_dir(study_dir or default_study_dir(study), "--study-dir")
     if target.exists():
         _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
+    from hypersweep.orchestrator.runner import StudyInterrupted
     try:
         statuses = run_study(study, target, tracking_uri=resolve_tracking_uri(tracking_uri, study.tracking.uri),
                              address=address, live=live)
     except StudyError as e:
         _bad_input(str(e))
+    except StudyInterrupted:
+        _interrupted(target)
+    _end_of_study(statuses)
+
+
+def _interrupted(study_dir) -> None:
+    _shutdown_ray()
+    click.echo(f"hypersweep: stopped; the records are consistent. Continue with: hypersweep resume {study_dir}", err=True)
+    sys.exit(130)
+
+
+def _end_of_study(statuses) -> None:
+    _shutdown_ray()
     if any(s.status == "failed" for s in statuses):
         click.echo("hypersweep: some arms failed; see the summary and the Tune folders in the study directory", err=True)
         sys.exit(1)
+
+
+def _shutdown_ray() -> None:
+    from hypersweep.orchestrator.runner import shutdown_ray
+    shutdown_ray()
+
+
+@main.command()
+@click.argument("study_dir")
+@click.option("--budget-s", type=float, help="A longer budget per arm x seed than the recorded one (never shorter).")
+@click.option("--address", help="Ray cluster address (e.g. auto, or HOST:6379); default: a local Ray on this machine's CPUs.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the one the study recorded in runs.json).")
+@click.option("--data-root", help="Override dataset.root for file-based data sets.")
+@click.option("--live/--no-live", default=True, help="Live progress table (default on).")
+def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
+    """Continue a study whose coordinator died or was stopped (SIGKILL, Ctrl-C, a closed
+    terminal, a lost head node): finished arms are kept, the interrupted arm's Tune experiment
+    is restored from its checkpoints and charged the wall time it had used, the remaining arms
+    run, and the same MLflow runs continue.
+
+    \b
+    Example:
+      hypersweep resume studies/quickstart-20261123-101500
+    """
+    from hypersweep.orchestrator.runner import StudyInterrupted, resume_study
+    from hypersweep.orchestrator.study import StudyError
+    target = _study_dir(study_dir, "STUDY_DIR")
+    try:
+        statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
+                                budget_s=budget_s, live=live)
+    except StudyError as e:
+        _bad_input(str(e))
+    except StudyInterrupted:
+        _interrupted(target)
+    if statuses is None:
+        click.echo(f"{target}: the study has finished; nothing to resume")
+        return
+    _end_of_study(statuses)
 
 
 def _study_dir(location, option: str):

@@ -22,6 +22,11 @@ class ArmStatus:
     best_val_loss: float = math.inf
     best_row: dict = field(default_factory=dict)  # the report with the lowest val_loss
     wall_time_used_s: float = 0.0
+    interruptions: int = 0  # times the coordinator died or was stopped while this arm ran
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("done", "failed")
 
     @property
     def within_budget(self) -> bool:

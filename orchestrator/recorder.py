@@ -1,16 +1,22 @@
 """The recorder: the one place in the coordinator where trial reports become records.
 
-Every report of an arm's trials becomes a results row (the arm's part of the results store,
-rewritten every `PART_EVERY_S` while the arm runs), MLflow metrics on the trial's nested run,
-and a point of the arm's anytime curve (`best_val_loss` against arm wall time). At the arm's
-end, the arm's run gets its best trial's history, hyperparameters and a summary.
+Every report of an arm's trials becomes, in this order, a line of the arm's journal (appended
+at once), a results row (the arm's part, rewritten every `PART_EVERY_S` while the arm runs),
+MLflow metrics on the trial's nested run, and a point of the arm's anytime curve
+(`best_val_loss` against arm wall time). At the arm's end, the arm's run gets its best trial's
+history, hyperparameters and a summary.
+
+A trial's MLflow run is made at its first report: a trial that never trained (it started as
+the budget ran out) leaves no record. A resumed arm's recorder starts from its journal: the
+reports it had, the same trial runs, and the MLflow metrics the dead coordinator had not sent
+yet; a report that Tune replays after a restore (same trial and step) is recorded once.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypersweep.orchestrator.planning import ArmSeed
 from hypersweep.orchestrator.progress import ArmStatus
@@ -24,6 +30,9 @@ _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timesta
               "timesteps_since_restore", "done", "trial_id", "experiment_id", "date", "config", "checkpoint_dir_name",
               "should_checkpoint", "experiment_tag"}
 
+if TYPE_CHECKING:
+    from hypersweep.orchestrator.runner import StudyRecords
+
 PART_EVERY_S = 15.0  # how often a running arm's results part is rewritten
 
 
@@ -34,6 +43,22 @@ class ArmContext:
     unit: ArmSeed
     run_id: str  # the arm x seed MLflow run
     status: ArmStatus
+    records: "StudyRecords | None" = None  # runs.json and arms.json (None: not kept, e.g. benchmarks)
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The report with the lowest validation loss (the first of equals)."""
+    best = None
+    for row in rows:
+        if row.get("val_loss", math.inf) < (best or {}).get("val_loss", math.inf):
+            best = row
+    return best
+
+
+def trained(result: dict[str, Any]) -> bool:
+    """Whether a step trained anything: a step that began past the deadline trains no
+    minibatch and reports the state as it was (a new trial's untrained net)."""
+    return result.get("epochs_this_step", 1) > 0 or math.isfinite(result.get("train_loss", 0.0))
 
 
 def arm_tags(study: Study, study_id: str, unit: ArmSeed, **extra) -> dict[str, Any]:
@@ -50,26 +75,68 @@ class Recorder:
         self.ctx, self.tracker, self.study_dir = ctx, tracker, study_dir
         self._last_part = time.monotonic()
         self.rows: list[dict[str, Any]] = []
+        self.seen: set[tuple[str, int]] = set()  # (trial_id, step) recorded
         self.trial_runs: dict[str, str] = {}
+        u = ctx.unit
+        journal = study_dir.read_journal(u.arm.name, u.seed_index)
+        if journal or (ctx.records and ctx.records.trial_runs(u)):
+            self._resume(journal)
+
+    def _resume(self, journal: list[dict[str, Any]]) -> None:
+        """Start from what the arm had recorded before the coordinator stopped: its reports,
+        its trial runs (runs.json, and any MLflow made but runs.json missed), and the MLflow
+        metrics that were still in the dead coordinator's buffer."""
+        c, s, tracker = self.ctx, self.ctx.status, self.tracker
+        self.rows = journal
+        self.seen = {(r["trial_id"], r["step"]) for r in journal}
+        self.trial_runs = {**tracker.child_runs(c.run_id, "trial_id"), **(c.records.trial_runs(c.unit) if c.records else {})}
+        for run_id in self.trial_runs.values():
+            tracker.adopt_if_running(run_id)
+        s.reports, s.trials_started = len(journal), len(self.trial_runs)
+        # Metrics the dead coordinator had received but not sent: log_batch writes a run's
+        # metrics in step order, so MLflow holds a prefix of each run's reports.
+        by_trial: dict[str, list[dict[str, Any]]] = {}
+        for row in journal:
+            by_trial.setdefault(row["trial_id"], []).append(row)
+        for trial_id, rows in by_trial.items():
+            run_id = self.trial_runs.get(trial_id)
+            if run_id is None:  # its run was never made: make it now
+                run_id = self._trial_run(trial_id, _hp_of(rows[0]))
+            sent = tracker.last_step(run_id, "arm_time_s")
+            for row in rows:
+                if row["step"] > sent:
+                    tracker.log_metrics(run_id, {**_metrics_of(row), "arm_time_s": row["arm_time_s"]}, row["step"])
+        sent = tracker.last_step(c.run_id, "wall_time_s")
+        best = math.inf
+        for k, row in enumerate(journal, start=1):
+            if row.get("val_loss", math.inf) < best:
+                best, s.best_val_loss, s.best_row = row["val_loss"], row["val_loss"], row
+            if k > sent:
+                tracker.log_metrics(c.run_id, {"best_val_loss": best, "wall_time_s": row["arm_time_s"]}, k)
+        tracker.flush()
 
     def _trial_run(self, trial_id: str, hp: dict) -> str:
         if trial_id not in self.trial_runs:
             c, u = self.ctx, self.ctx.unit
-            self.trial_runs[trial_id] = self.tracker.start_run(
+            run_id = self.tracker.start_run(
                 f"{u.arm.name}-seed{u.seed_index}-{trial_id}", parent_id=c.run_id,
                 tags=arm_tags(c.study, c.study_id, u, trial_id=trial_id, kind="trial"), params=hp)
+            self.trial_runs[trial_id] = run_id
+            if c.records is not None:
+                c.records.trial_run(u, trial_id, run_id)
             c.status.trials_started += 1
         return self.trial_runs[trial_id]
 
     def handle(self, kind: str, trial_id: str | None, hp: dict | None, payload: Any, arm_time: float) -> None:
         self.ctx.status.elapsed_s = arm_time
-        if kind == "start":
-            self._trial_run(trial_id, hp)
-        elif kind == "result":
+        if kind == "result":
             self._result(trial_id, hp, payload, arm_time)
         elif kind == "end":
             self.ctx.status.trials_done += 1
-            self.tracker.end_run(self._trial_run(trial_id, hp), "FINISHED" if payload else "FAILED")
+            if trial_id in self.trial_runs:  # a trial that never trained has no run
+                self.tracker.end_run(self.trial_runs[trial_id], "FINISHED" if payload else "FAILED")
+        if self.ctx.records is not None:
+            self.ctx.records.heartbeat()
 
     def write_part(self) -> None:
         u = self.ctx.unit
@@ -78,13 +145,17 @@ class Recorder:
 
     def _result(self, trial_id: str, hp: dict, result: dict, arm_time: float) -> None:
         c, u = self.ctx, self.ctx.unit
+        step = int(result["training_iteration"])
+        if (trial_id, step) in self.seen or not trained(result):
+            return  # replayed by a restored trial, or nothing trained since the last report
+        self.seen.add((trial_id, step))
         metrics = {k: v for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        step = int(result["training_iteration"])
         row = {"study_id": c.study_id, "arm": u.arm.name, "method": u.arm.method, "search": u.arm.search,
                "dataset": c.study.dataset.name, "seed_index": u.seed_index, "seed": u.seed,
                "trial_id": trial_id, "step": step, "arm_time_s": arm_time, **metrics,
                **{f"hp_{k}": v for k, v in flatten(hp).items()}}
+        self.study_dir.append_journal(u.arm.name, u.seed_index, [row])  # before anything else
         self.rows.append(row)
         if time.monotonic() - self._last_part >= PART_EVERY_S:  # `compare` on a running study sees this arm
             self.write_part()
@@ -113,6 +184,19 @@ class Recorder:
             self.tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
                                              **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
         self.tracker.log_metrics(run_id, summary, status.reports)
+
+
+def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    """A journal row's method metrics (what `_result` logged on the trial's run)."""
+    return {k: v for k, v in row.items() if k not in _ROW_KEYS and not k.startswith("hp_")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _hp_of(row: dict[str, Any]) -> dict[str, Any]:
+    return {k[3:]: v for k, v in row.items() if k.startswith("hp_")}
+
+
+_ROW_KEYS = {"study_id", "arm", "method", "search", "dataset", "seed_index", "seed", "trial_id", "step", "arm_time_s"}
 
 
 def _is_metric(key: str, value: Any) -> bool:

@@ -1,46 +1,83 @@
 """Running a study: every arm x seed through Ray Tune, under one wall-clock budget each, with
-the coordinator (this process) as the only writer of records.
+the coordinator (this process) as the only writer of records; and resuming one.
 
 Per arm x seed (orchestrator/arms.py):
 1. the budget starts (Tuner set-up and trial start-up count against the arm);
 2. Tune runs the arm's trials with `workers` concurrent slots until the budget is spent
    (orchestrator/tune_run.py);
-3. the recorder (orchestrator/recorder.py) turns every report into a results row, MLflow
-   metrics of the trial's nested run, and the arm's anytime curve (`best_val_loss`);
+3. the recorder (orchestrator/recorder.py) turns every report into a journal line, a results
+   row, MLflow metrics of the trial's nested run, and the arm's anytime curve;
 4. at the end, the arm's run gets the best trial's history and hyperparameters, and its part of
    the results store is written.
-This module holds the study's loop: Ray, the parent run, the batches of arms, the study files.
+
+`StudyRecords` keeps runs.json (every MLflow run id: study, arms, trials) and arms.json (status
+and wall time per arm x seed, with a heartbeat while an arm runs) current at every moment, so
+that `resume_study` can carry on after the coordinator died anywhere: finished arms are kept,
+the running arm's Tune experiment is restored and charged the time it had used, and the same
+MLflow runs continue.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from hypersweep.methods.data import task_of
 from hypersweep.orchestrator.arms import run_arm, run_concurrent
 from hypersweep.orchestrator.budget import Clock
-from hypersweep.orchestrator.planning import plan
+from hypersweep.orchestrator.planning import ArmSeed, plan
 from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
-from hypersweep.orchestrator.recorder import ArmContext, arm_tags
-from hypersweep.orchestrator.study import Study, StudyError
+from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
+from hypersweep.orchestrator.study import Study, StudyError, parse_study
 from hypersweep.orchestrator.studydir import StudyDir
 from hypersweep.orchestrator.tracking import Tracker
+from hypersweep.orchestrator.tune_run import INTERRUPTED
+
+HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
+
+log = logging.getLogger("hypersweep")
+
+
+class StudyInterrupted(Exception):
+    """The study was stopped by SIGINT or SIGTERM; its records are consistent and `resume`
+    continues it."""
+
+
+_started_ray = False  # whether this process started the Ray it uses (then it also stops it)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to Ray (a cluster at `address`, else a new local one), unless this process is
+    connected already (tests share one Ray across studies)."""
+    global _started_ray
     import ray
     if ray.is_initialized():
         return
+    _started_ray = True
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TB loggers per trial
+    # hypersweep handles SIGINT itself (see _stop_on_signals); Tune's handler would end the arm
+    # "gracefully" and let the study go on to the next arm.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started, rather than leave it to atexit: its agents can
+    outlive the driver by minutes."""
+    global _started_ray
+    import ray
+    if _started_ray and ray.is_initialized():
+        ray.shutdown()
+    _started_ray = False
 
 
 def check_resources(study: Study) -> str | None:
@@ -60,78 +97,244 @@ def default_study_dir(study: Study) -> Path:
     return Path("studies") / f"{study.name}-{stamp}"
 
 
-def _arms_record(study: Study, statuses: list[ArmStatus]) -> dict:
-    return {f"{s.arm}/seed{s.seed_index}": {
-        "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
-        "wall_time_used_s": s.wall_time_used_s, "within_budget": s.within_budget,
-        "trials": s.trials_started, "reports": s.reports, "schedule": study.budget.schedule}
-        for s in statuses if s.status != "pending"}
+class StudyRecords:
+    """runs.json and arms.json, written whenever they change (arms.json also every
+    `HEARTBEAT_S` while an arm runs, with its wall time so far)."""
+
+    def __init__(self, study: Study, study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any],
+                 statuses: list[ArmStatus]):
+        self.study, self.study_dir, self.tracker, self.runs, self.statuses = study, study_dir, tracker, runs, statuses
+        self.runs.setdefault("arms", {})
+        self.runs.setdefault("trials", {})
+        self._beat = 0.0
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.runs["parent_run_id"]
+
+    def arm_run(self, unit: ArmSeed, run_id: str) -> None:
+        self.runs["arms"][unit.key] = run_id
+        self.study_dir.write_runs(self.runs)
+
+    def trial_run(self, unit: ArmSeed, trial_id: str, run_id: str) -> None:
+        self.runs["trials"].setdefault(unit.key, {})[trial_id] = run_id
+        self.study_dir.write_runs(self.runs)
+
+    def trial_runs(self, unit: ArmSeed) -> dict[str, str]:
+        return dict(self.runs["trials"].get(unit.key, {}))
+
+    def heartbeat(self) -> None:
+        if time.monotonic() - self._beat >= HEARTBEAT_S:
+            self.write_arms()
+
+    def write_arms(self) -> None:
+        self._beat = time.monotonic()
+        self.study_dir.write_arms({f"{s.arm}/seed{s.seed_index}": {
+            "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
+            "wall_time_used_s": s.wall_time_used_s if s.ended or s.status == "interrupted" else s.elapsed_s,
+            "within_budget": s.within_budget, "trials": s.trials_started, "reports": s.reports,
+            "interruptions": s.interruptions, "schedule": self.study.budget.schedule}
+            for s in self.statuses if s.status != "pending"})
+
+
+def _console(console):
+    from rich.console import Console
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)  # logs and CI: wide enough for the tables
+    return console
 
 
 def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: str | None = None,
               data_root: str | None = None, clock: Clock = time.monotonic, console=None,
               live: bool = True) -> list[ArmStatus]:
     """Run every arm x seed of `study` into `study_dir` (which must not exist yet); returns
-    their statuses (the summary)."""
-    from rich.console import Console
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=120)  # logs and CI: wide enough for the tables
+    their statuses (the summary). Raises StudyInterrupted after SIGINT/SIGTERM."""
     init_ray(address)
     problem = check_resources(study)
     if problem:
         raise StudyError(f"study {study.name!r}: {problem}")
     study_dir.create(study.to_yaml())
-    study_id = study_dir.study_id
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
-
     tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)
-    parent = tracker.start_run(study_id, params=study.model_dump(),
-                               tags={"study_id": study_id, "dataset": study.dataset.name, "kind": "study"})
+    parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
+                               tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
+    records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
+                                                        "experiment_id": tracker.experiment_id,
+                                                        "parent_run_id": parent}, statuses)
+    study_dir.write_runs(records.runs)
     with study_dir.reading(StudyDir.STUDY) as local:
         tracker.log_artifact(parent, local)
-    run_map = {"tracking_uri": tracking_uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent, "arms": {}}
-    task = task_of(study.dataset.name)
+    return _execute(records, units, data_root, clock, _console(console), live)
+
+
+def load_study_dir(study_dir: StudyDir, budget_s: float | None = None) -> Study:
+    """The study of a study directory, validated again; StudyError when it is not one or no
+    longer validates. `budget_s` may extend the recorded budget, never shorten it."""
+    if not study_dir.is_study():
+        raise StudyError(f"{study_dir}: not a study directory (no {StudyDir.STUDY})")
+    import yaml
     try:
-        with ProgressView(statuses, task, console, enabled=live):
-            concurrent = study.budget.schedule == "concurrent"
-            # one batch per arm x seed, or (concurrent) one batch per repetition
-            batches = [[i] for i in range(len(units))] if not concurrent else \
-                [[i for i, u in enumerate(units) if u.seed_index == k] for k in range(study.seeds)]
+        raw = yaml.safe_load(study_dir.study_yaml())
+    except yaml.YAMLError as e:
+        raise StudyError(f"{study_dir}/{StudyDir.STUDY}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    study = parse_study(raw, f"{study_dir}/{StudyDir.STUDY}")
+    if budget_s is not None and budget_s != study.budget.seconds:
+        if budget_s < study.budget.seconds:
+            raise StudyError(f"--budget-s {budget_s:g}: smaller than the study's recorded budget of "
+                             f"{study.budget.seconds:g} s; a resumed study keeps its arms' budgets equal")
+        study = parse_study(raw, f"{study_dir}/{StudyDir.STUDY}", {"budget.seconds": budget_s})
+    return study
+
+
+def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, address: str | None = None,
+                 data_root: str | None = None, budget_s: float | None = None, clock: Clock = time.monotonic,
+                 console=None, live: bool = True) -> list[ArmStatus] | None:
+    """Carry on a study whose coordinator died or was stopped. Returns None when there was
+    nothing left to do (every arm x seed had ended); raises StudyError on a directory that is
+    not a study or whose study no longer validates."""
+    study = load_study_dir(study_dir, budget_s)
+    units = plan(study)
+    recorded = study_dir.arms()
+    statuses = []
+    for u in units:
+        s = ArmStatus(u.arm.name, u.seed_index, study.budget.seconds)
+        saved = recorded.get(u.key)
+        if saved:
+            s.status, s.wall_time_used_s = saved["status"], float(saved["wall_time_used_s"])
+            s.trials_started, s.reports = int(saved.get("trials", 0)), int(saved.get("reports", 0))
+            s.interruptions = int(saved.get("interruptions", 0))
+            if s.status == "running":  # the coordinator died under it (a stop by signal counted already)
+                s.interruptions += 1
+                s.status = "interrupted"
+        statuses.append(s)
+    extended = budget_s is not None and any(s.status == "done" and s.wall_time_used_s >= 0.98 * s.budget_s
+                                             for s in statuses)
+    if all(s.ended for s in statuses) and not extended:
+        return None
+    if extended:
+        raise StudyError(f"--budget-s {budget_s:g}: extending arms that already ended is not supported yet; "
+                         "a resume continues the arms that had not ended")
+    for s, u in zip(statuses, units):
+        if s.ended:  # the summary shows them too
+            part = study_dir.read_part(u.arm.name, u.seed_index)
+            row = best_row(part.to_dict("records") if part is not None else [])
+            if row:
+                s.best_row, s.best_val_loss = row, row["val_loss"]
+
+    runs = study_dir.runs()
+    uri = tracking_uri or runs.get("tracking_uri")
+    if not uri:
+        from hypersweep.orchestrator.tracking import resolve_tracking_uri
+        uri = resolve_tracking_uri(None, study.tracking.uri)
+    init_ray(address)
+    problem = check_resources(study)
+    if problem:
+        raise StudyError(f"study {study.name!r}: {problem}")
+    tracker = Tracker(uri, study.tracking.experiment or study.name)
+    parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
+    if parent is None:  # died before its parent run was recorded
+        parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
+                                   tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
+    resumes = tracker.reopen(parent)
+    runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent})
+    records = StudyRecords(study, study_dir, tracker, runs, statuses)
+    study_dir.write_runs(records.runs)
+    log.info("resuming %s (resume %d)", study_dir, resumes)
+    return _execute(records, units, data_root, clock, _console(console), live)
+
+
+def _arm_context(records: StudyRecords, unit: ArmSeed, status: ArmStatus) -> ArmContext:
+    """The arm x seed's MLflow run: the one it had (a resumed arm), else a new one."""
+    study, tracker = records.study, records.tracker
+    run_id = records.runs["arms"].get(unit.key) or tracker.find_run(
+        kind="arm", study_id=records.study_dir.study_id, arm=unit.arm.name, seed_index=str(unit.seed_index))
+    if run_id:
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_run(f"{unit.arm.name}-seed{unit.seed_index}", parent_id=records.parent_run_id,
+                                   tags=arm_tags(study, records.study_dir.study_id, unit, kind="arm"),
+                                   params={"arm": unit.arm.model_dump(), "seed": unit.seed,
+                                           "search_seed": unit.search_seed, "ensemble_seed": unit.ensemble_seed,
+                                           "schedule": study.budget.schedule})
+    records.arm_run(unit, run_id)
+    return ArmContext(study, records.study_dir.study_id, unit, run_id, status, records)
+
+
+def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None, clock: Clock, console,
+             live: bool) -> list[ArmStatus]:
+    """The arms x seeds that have not ended, in order (or a repetition's arms side by side),
+    then the study's end records."""
+    study, study_dir, tracker, statuses = records.study, records.study_dir, records.tracker, records.statuses
+    task = task_of(study.dataset.name)
+    concurrent = study.budget.schedule == "concurrent"
+    # one batch per arm x seed, or (concurrent) one batch per repetition
+    batches = [[i] for i in range(len(units))] if not concurrent else \
+        [[i for i, u in enumerate(units) if u.seed_index == k] for k in range(study.seeds)]
+    try:
+        with _stop_on_signals(), ProgressView(statuses, task, console, enabled=live):
             for batch in batches:
-                contexts = []
-                for i in batch:
-                    unit = units[i]
-                    run_id = tracker.start_run(f"{unit.arm.name}-seed{unit.seed_index}", parent_id=parent,
-                                               tags=arm_tags(study, study_id, unit, kind="arm"),
-                                               params={"arm": unit.arm.model_dump(), "seed": unit.seed,
-                                                       "search_seed": unit.search_seed,
-                                                       "schedule": study.budget.schedule})
-                    run_map["arms"][unit.key] = run_id
-                    contexts.append(ArmContext(study, study_id, unit, run_id, statuses[i]))
-                study_dir.write_runs(run_map)
+                if INTERRUPTED.is_set():
+                    raise StudyInterrupted()
+                todo = [i for i in batch if not statuses[i].ended]
+                if not todo:
+                    continue
+                contexts = [_arm_context(records, units[i], statuses[i]) for i in todo]
+                records.write_arms()
                 if concurrent:
                     run_concurrent(contexts, tracker, study_dir, data_root)
                 else:
                     run_arm(contexts[0], tracker, study_dir, clock, data_root)
                 study_dir.consolidate()
-                study_dir.write_arms(_arms_record(study, statuses))
+                records.write_arms()
+                if INTERRUPTED.is_set():
+                    raise StudyInterrupted()
         study_dir.consolidate()
         study_dir.write_text(StudyDir.SUMMARY, summary_markdown(statuses, task))
         for name in (StudyDir.RESULTS, StudyDir.SUMMARY):
             with study_dir.reading(name) as local:
-                tracker.log_artifact(parent, local)
-        tracker.end_run(parent, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
-    except KeyboardInterrupt:
+                tracker.log_artifact(records.parent_run_id, local)
+        tracker.end_run(records.parent_run_id, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
+    except (StudyInterrupted, KeyboardInterrupt):
+        for s in statuses:
+            if s.status == "running":
+                s.status = "interrupted"
+        records.write_arms()
         tracker.end_all("KILLED")
-        raise
+        raise StudyInterrupted() from None
     except BaseException:
         tracker.end_all("FAILED")
         raise
+    finally:
+        INTERRUPTED.clear()
     console.print()
     console.print(summary_table(statuses, task))
-    console.print(f"study directory: {study_dir}\nMLflow: {tracking_uri} (experiment {study.tracking.experiment or study.name}, "
-                  f"parent run {parent})")
+    console.print(f"study directory: {study_dir}\nMLflow: {tracker.uri} (experiment "
+                  f"{study.tracking.experiment or study.name}, parent run {records.parent_run_id})")
     return statuses
+
+
+class _stop_on_signals:
+    """SIGINT and SIGTERM stop the study: no new trial starts, the running Tune experiment
+    ends its loop and saves its state (Tune's own interrupt, reached through its SIGUSR1
+    handler), and the study's records are left consistent for `resume`. Ray Tune's default
+    SIGINT handling would instead end only the current arm and go on with the next one."""
+
+    def __enter__(self):
+        self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self.saved:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        INTERRUPTED.set()
+        tune_handler = signal.getsignal(signal.SIGUSR1)  # set by tune.run inside Tuner.fit
+        if callable(tune_handler):
+            tune_handler(signal.SIGUSR1, frame)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        return False

@@ -98,6 +98,53 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    # -- continuing the runs of a resumed study ----------------------------------------------
+    def find_run(self, **tags: str) -> str | None:
+        """The first run of this experiment with these tag values (a run made before its id
+        reached runs.json), or None."""
+        where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        found = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1,
+                                        order_by=["attributes.start_time ASC"])
+        return found[0].info.run_id if found else None
+
+    def child_runs(self, parent_id: str, tag: str) -> dict[str, str]:
+        """{value of `tag`: run id} of the runs nested under `parent_id` (the oldest of equals)."""
+        out: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                           max_results=1000, order_by=["attributes.start_time ASC"],
+                                           page_token=token)
+            for run in page:
+                if tag in run.data.tags:
+                    out.setdefault(run.data.tags[tag], run.info.run_id)
+            token = page.token
+            if not token:
+                return out
+
+    def reopen(self, run_id: str) -> int:
+        """Continue a run of an earlier execution: RUNNING again, tagged with how often it was
+        resumed (returned), and ended by this tracker like the runs it starts."""
+        run = self.client.get_run(run_id)
+        resumed = int(run.data.tags.get("resumed", "0")) + 1
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {"resumed": resumed})
+        if run_id not in self._open:
+            self._open.append(run_id)
+        return resumed
+
+    def adopt_if_running(self, run_id: str) -> None:
+        """A run an earlier execution left RUNNING is ended by this tracker (KILLED at the
+        latest, by `end_all`)."""
+        if run_id not in self._open and self.client.get_run(run_id).info.status == "RUNNING":
+            self._open.append(run_id)
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step of `key` recorded on the run (0: none)."""
+        self.flush()
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=0)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(run_id, status)

@@ -1,67 +1,166 @@
-"""Ray Tune adapters: one arm x seed's Tune experiment under its budget.
+"""Ray Tune adapters: one arm x seed's Tune experiment under its budget, started fresh or
+restored after the coordinator died.
 
 `tune_arm` builds the Tuner (searcher, scheduler, resources, checkpoints, storage in the study
-directory) and runs it; `BudgetStopper` ends the trials once the arm's budget is spent,
-*after* their report is recorded (Tune's own `time_budget_s` discards the report in flight,
-see the shared notes); `TuneEvents` hands Tune's trial events to the recorder, directly or
-through a Ray queue (`QueueSink`) when the arm runs in a Ray task.
+directory) and runs it. Around Tune's objects:
+- `BudgetedSearch` wraps the arm's search algorithm: it starts no trial once the budget is
+  spent or the study was interrupted, and keeps at most `workers` trials running;
+- `BudgetStopper` ends the trials once the arm's budget is spent, *after* their report is
+  recorded (Tune's own `time_budget_s` discards the report in flight and restarts in full on a
+  restore, see the shared notes);
+- `TuneEvents` hands Tune's trial events to the recorder, directly or through a Ray queue
+  (`QueueSink`) when the arm runs in a Ray task.
+Tune pickles these three with the experiment (tuner.pkl). What they need at run time (the
+budget, the sink) is not pickled: it is the `LiveArm` of this process, found by the arm's key,
+so an experiment restored by a new coordinator uses the new coordinator's budget and records.
 """
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ray import tune
+from ray.tune.search import SearchAlgorithm
 
 from hypersweep.orchestrator.budget import Budget, Clock, tolerance
 from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import StudyDir
 
+# Set by a SIGINT/SIGTERM in this process (orchestrator/runner.py): no new trial starts.
+INTERRUPTED = threading.Event()
 
-class BudgetStopper(tune.Stopper):
+
+@dataclass
+class LiveArm:
+    """The running arm's budget, event sink and concurrency, in this process."""
+    budget: Budget
+    sink: Callable[..., None]
+    workers: int
+    running: set[str] = field(default_factory=set)  # trials started and not ended
+
+
+_LIVE: dict[str, LiveArm] = {}
+
+
+def arm_key(study_dir: StudyDir, unit: ArmSeed) -> str:
+    return f"{study_dir.study_id}/{unit.key}"
+
+
+class _Bound:
+    """Pickles as its arm's key; finds the arm's `LiveArm` in whichever process runs it."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    @property
+    def arm(self) -> LiveArm:
+        return _LIVE[self.key]
+
+
+class BudgetedSearch(_Bound, SearchAlgorithm):
+    """The arm's search algorithm, stopped by the budget: Tune asks it for trials as slots free
+    up, and a trial created after the deadline would train nothing yet leave a record."""
+
+    def __init__(self, inner: SearchAlgorithm, key: str):
+        _Bound.__init__(self, key)
+        SearchAlgorithm.__init__(self)
+        self.inner = inner
+
+    def _closed(self) -> bool:
+        return INTERRUPTED.is_set() or self.arm.budget.exhausted()
+
+    def next_trial(self):
+        if self._closed() or len(self.arm.running) >= self.arm.workers:
+            return None
+        return self.inner.next_trial()
+
+    def is_finished(self) -> bool:
+        return self._closed() or self.inner.is_finished()
+
+    def set_finished(self):
+        self.inner.set_finished()
+
+    @property
+    def metric(self):
+        return self.inner.metric
+
+    @property
+    def total_samples(self):
+        return self.inner.total_samples
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def add_configurations(self, experiments):
+        self.inner.add_configurations(experiments)
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def has_checkpoint(self, dirpath: str) -> bool:
+        return self.inner.has_checkpoint(dirpath)
+
+    def save_to_dir(self, dirpath: str, **kwargs):
+        self.inner.save_to_dir(dirpath, **kwargs)
+
+    def restore_from_dir(self, dirpath: str):
+        self.inner.restore_from_dir(dirpath)
+
+
+class BudgetStopper(_Bound, tune.Stopper):
     """Stops a trial at `max_steps` reports or at its first report once the arm's budget is
     spent (trials end their step at the deadline themselves, so that report comes promptly and
     carries a checkpoint). The whole experiment is stopped only half the tolerance later, for
     a trial that does not report: stopping it at the deadline would race those last reports."""
 
-    def __init__(self, budget: Budget, max_steps: int):
-        self.budget, self.max_steps = budget, max_steps
-        self.grace = tolerance(budget.seconds) / 2
+    def __init__(self, key: str, max_steps: int):
+        super().__init__(key)
+        self.max_steps = max_steps
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return result["training_iteration"] >= self.max_steps or self.budget.exhausted()
+        return result["training_iteration"] >= self.max_steps or self.arm.budget.exhausted()
 
     def stop_all(self) -> bool:
-        return self.budget.started and self.budget.elapsed() >= self.budget.seconds + self.grace
+        b = self.arm.budget
+        return b.started and b.elapsed() >= b.seconds + tolerance(b.seconds) / 2
 
 
-class TuneEvents(tune.Callback):
-    """Tune's trial events, stamped with the arm's wall time, handed to `sink(kind, trial_id,
-    hp, payload, arm_time)`."""
+class TuneEvents(_Bound, tune.Callback):
+    """Tune's trial events, stamped with the arm's wall time, handed to the arm's sink as
+    (kind, trial_id, hp, payload, arm_time)."""
 
-    def __init__(self, sink, budget: Budget):
-        self.sink, self.budget = sink, budget
-
-    def __getstate__(self):
-        # Tune may pickle callbacks with the experiment state; live handles stay behind.
-        return {}
+    def _send(self, kind: str, trial, payload: Any) -> None:
+        arm = self.arm
+        arm.sink(kind, trial.trial_id if trial else None, trial.config["hp"] if trial else None, payload,
+                 arm.budget.elapsed())
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.sink("start", trial.trial_id, trial.config["hp"], None, self.budget.elapsed())
+        self.arm.running.add(trial.trial_id)
+        self._send("start", trial, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         plain = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        self.sink("result", trial.trial_id, trial.config["hp"], plain, self.budget.elapsed())
+        self._send("result", trial, plain)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.sink("end", trial.trial_id, trial.config["hp"], True, self.budget.elapsed())
+        self.arm.running.discard(trial.trial_id)
+        self._send("end", trial, True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.sink("end", trial.trial_id, trial.config["hp"], False, self.budget.elapsed())
+        self.arm.running.discard(trial.trial_id)
+        self._send("end", trial, False)
 
     def on_step_end(self, iteration, trials, **info):
-        self.sink("tick", None, None, None, self.budget.elapsed())
+        self._send("tick", None, None)
 
 
 class QueueSink:
@@ -75,41 +174,65 @@ class QueueSink:
             self.queue.put(event)
 
 
-def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict[str, Any], workers: int, sink,
-             clock: Clock = time.monotonic) -> dict[str, Any]:
+def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict[str, Any], workers: int, sink, *,
+             used_s: float = 0.0, restore: bool = False, clock: Clock = time.monotonic) -> dict[str, Any]:
     """Run one arm x seed's Tune experiment under its budget; Tune's events go to `sink`.
+    `used_s`: the wall time the arm used before (a resumed arm gets the rest of its budget);
+    `restore`: continue the arm's Tune experiment where it stopped (finished trials kept,
+    running ones from their last checkpoint, pending ones start), if there is one.
     Runs in the coordinator (arms one after another) or in a Ray task (concurrent arms).
     Returns the errors, the wall time used and each trial's folder (a path on the study
     directory's filesystem) and config."""
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
     from hypersweep.workers import trainable_class
+    from hypersweep.workers.deadlines import deadline_board
 
-    budget = Budget(study.budget.seconds, clock).start()
+    budget = Budget(study.budget.seconds, clock, used_s=used_s).start()
+    key = arm_key(study_dir, unit)
+    _LIVE[key] = LiveArm(budget, sink, workers)
+    deadline = budget.deadline()
+    # Trials read the deadline from the board at every step; a restored trial's config holds an old one.
+    deadline_board().post.remote(key, float(deadline))
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
-    max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
-    param_space = {**param_space, "deadline": time.time() + budget.remaining()}  # trials end their step there
     storage_path, storage_fs = study_dir.tune_storage()
-    tuner = Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=searcher(unit), num_samples=num_samples(unit),
-                               scheduler=scheduler(unit, max_steps), max_concurrent_trials=workers,
-                               reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
-        run_config=RunConfig(
-            name=study_dir.tune_experiment(unit.arm.name, unit.seed_index), storage_path=storage_path,
-            storage_filesystem=storage_fs, stop=BudgetStopper(budget, max_steps),
-            callbacks=[TuneEvents(sink, budget)], verbose=0,
-            # PBT's exploits restore other trials' checkpoints: keep more of them
-            checkpoint_config=CheckpointConfig(num_to_keep=2 if unit.arm.scheduler != "pbt" else 2 * workers + 2,
-                                               checkpoint_frequency=study.training.checkpoint_every,
-                                               checkpoint_at_end=True),
-            failure_config=FailureConfig(max_failures=1)),
-    )
+    name = study_dir.tune_experiment(unit.arm.name, unit.seed_index)
     try:
+        experiment = f"{storage_path}/{name}"
+        if restore and Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+            tuner = Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                  storage_filesystem=storage_fs)
+        else:
+            max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
+            alg = searcher(unit)
+            if isinstance(alg, Searcher):  # what Tune does itself for a bare Searcher
+                alg = SearchGenerator(ConcurrencyLimiter(alg, max_concurrent=workers))
+            tuner = Tuner(
+                trainable,
+                param_space={**param_space, "deadline": deadline, "deadline_key": key},
+                tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=BudgetedSearch(alg, key),
+                                       num_samples=num_samples(unit), scheduler=scheduler(unit, max_steps),
+                                       reuse_actors=True, trial_dirname_creator=_trial_dirname),
+                run_config=RunConfig(
+                    name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                    stop=BudgetStopper(key, max_steps), callbacks=[TuneEvents(key)], verbose=0,
+                    # PBT's exploits restore other trials' checkpoints: keep more of them
+                    checkpoint_config=CheckpointConfig(
+                        num_to_keep=2 if unit.arm.scheduler != "pbt" else 2 * workers + 2,
+                        checkpoint_frequency=study.training.checkpoint_every, checkpoint_at_end=True),
+                    failure_config=FailureConfig(max_failures=study.training.max_failures)),
+            )
         grid = tuner.fit()
-        return {"errors": len(grid.errors), "used": budget.elapsed(),
+        return {"errors": len(grid.errors), "used": budget.elapsed(), "interrupted": INTERRUPTED.is_set(),
                 "trials": {str(r.path).rstrip("/").rsplit("/", 1)[-1]: (str(r.path), r.config) for r in grid if r.path}}
     except Exception as e:  # the study goes on; the arm is marked failed with this message
-        return {"errors": -1, "used": budget.elapsed(), "trials": {}, "error": f"{type(e).__name__}: {e}"}
+        return {"errors": -1, "used": budget.elapsed(), "interrupted": INTERRUPTED.is_set(), "trials": {},
+                "error": f"{type(e).__name__}: {e}"}
+    finally:
+        _LIVE.pop(key, None)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
