@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import resolve
 from hypersweep.methods.losses import metrics
@@ -41,7 +42,7 @@ class GenerativeMethod:
     def scheduler_step(self) -> None:
         """Called after every optimiser step (e.g. a per-step learning-rate decay)."""
 
-    def train_epoch(self, deadline: float | None = None) -> float:
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
         """One pass (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
@@ -105,10 +106,9 @@ class SGD:
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task_loss(out, y, self.splits.task, self.log_noise_std)
 
-    def train_epoch(self, deadline: float | None = None) -> float:
-        """One pass over the training split; returns the mean training loss. With a `deadline`
-        (time.time()), the pass stops after the minibatch that reaches it and does not count
-        as an epoch."""
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
+        """One pass over the training split; returns the mean training loss. With a `deadline`,
+        the pass stops after the minibatch that reaches it and does not count as an epoch."""
         x, y = self.data["train"]
         self._apply_schedule()
         self.module.train()

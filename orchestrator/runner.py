@@ -197,7 +197,7 @@ def tune_arm(study: Study, study_dir: Path, unit: ArmSeed, param_space: dict[str
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
     max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
-    param_space = {**param_space, "deadline": time.time() + budget.remaining()}  # trials end their step there
+    param_space = {**param_space, "deadline": budget.deadline()}  # trials end their step there
     tuner = Tuner(
         trainable,
         param_space=param_space,
