@@ -39,7 +39,7 @@ from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
 from hypersweep.methods.stn_layers import build_stn_net
 from hypersweep.methods.targets import TargetNet
-from hypersweep.methods.tuned import Space, Tuned
+from hypersweep.methods.tuned import Space, Tuned, inv_softplus
 
 GROUPS = ("dropout", "input_noise", "jitter", "cutout")
 VARIANTS = ("stn", "delta-stn")
@@ -99,10 +99,6 @@ def build_space(hp: Mapping[str, Any], n_sites: int, input_shape: tuple[int, ...
         tuned += [Tuned("cutout_length", 0.0, side + 1.0, hp["init_cutout_length"], discrete=True),
                   Tuned("cutout_holes", 0.0, 5.0, hp["init_cutout_holes"], discrete=True)]
     return Space(tuned)
-
-
-def inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 class STN(AlternatingTuner):
