@@ -6,9 +6,9 @@ input noise (on standardised inputs), batch size. Classification minimises cross
 regression minimises the Gaussian negative log-likelihood with a learned homoscedastic noise
 scale, and reports RMSE and NLL in the data's units.
 
-All randomness (initialisation, data order, dropout masks, input noise) comes from two
-generators seeded from `seed` and saved in `state_dict`, so a restored run takes the identical
-next step.
+All randomness comes from generators seeded with named children of `seed` (methods/seeding.py):
+initialisation, then data order and noise (dropout masks, input noise, augmentation) from two
+generators saved in `state_dict`, so a restored run takes the identical next step.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
 from hypersweep.methods.passes import minibatch_pass
+from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import TargetNet
 
 
@@ -58,10 +59,10 @@ class SGD:
         self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
         if self.hp["augment"] and len(splits.input_shape) != 3:
             raise ValueError("hyperparameter 'augment': crop and flip need image inputs")
-        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # dropout, input noise
+        self.data_gen = stream_generator(seed, Stream.ORDER)  # on the CPU, like the permutations it draws
+        self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # dropout, input noise, augmentation
         self.module = target.module().to(self.device)
-        target.load_flat(self.module, target.init_weights(self.data_gen))
+        target.load_flat(self.module, target.init_weights(stream_generator(seed, Stream.INIT)))
         self.module.reg.configure(dropout=dropout_rates(self.hp, target.n_dropout_sites),
                                   input_noise=self.hp["input_noise"], generator=self.noise_gen)
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only

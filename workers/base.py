@@ -36,7 +36,7 @@ from ray import tune
 from hypersweep.methods import data as datasets
 from hypersweep.methods import method_module
 from hypersweep.methods.clock import Deadline, past
-from hypersweep.methods.seeding import derived_seed
+from hypersweep.methods.seeding import Stream, child_seed
 from hypersweep.methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
@@ -66,10 +66,11 @@ def worker_device(requested: str = "auto") -> torch.device:
 
 
 def trial_seed(config: dict[str, Any]) -> int:
-    """The seed of the method's initialisation and noise: the repetition's seed, or for replica
-    r > 0 of a fixed arm (independent runs of one configuration) a child seed of it."""
+    """The seed of the method's initialisation and noise: the repetition's seed (the same for
+    every arm: arms are paired), or for replica r > 0 of a fixed arm (independent runs of one
+    configuration) its REPLICA child."""
     replica = int(config.get("replica", 0))
-    return config["seed"] if replica == 0 else derived_seed(config["seed"], replica)
+    return config["seed"] if replica == 0 else child_seed(config["seed"], Stream.REPLICA, replica)
 
 
 def build_target_for(config: dict[str, Any], splits: datasets.Splits):
