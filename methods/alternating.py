@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.passes import minibatch_pass
 
 
@@ -43,7 +44,7 @@ class AlternatingTuner:
         for name in names:
             self.optimizers[name].step()
 
-    def train_epoch(self, deadline: float | None = None) -> float:
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
         """One pass over the training data; after the warm-up, `val_steps` hyperparameter steps
         follow every `train_steps` training steps (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]

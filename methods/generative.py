@@ -15,10 +15,12 @@ from typing import Any, Mapping
 
 import torch
 
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import resolve
 from hypersweep.methods.losses import metrics
 from hypersweep.methods.passes import minibatch_pass
+from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import TargetNet
 
 
@@ -31,9 +33,9 @@ class GenerativeMethod:
         self.target, self.splits, self.device = target, splits, torch.device(device)
         self.hp = resolve(self.hyperparameters(target.n_dropout_sites), hp)
         self.seed = seed
-        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # training noise, dropout
-        params = self.build(target, self.data_gen)
+        self.data_gen = stream_generator(seed, Stream.ORDER)  # data order, on the CPU
+        self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # training samples, noise, dropout
+        params = self.build(target, stream_generator(seed, Stream.INIT))
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
         if splits.task == "regression":
             params.append(self.log_noise_std)
@@ -44,7 +46,7 @@ class GenerativeMethod:
     def scheduler_step(self) -> None:
         """Called after every optimiser step (e.g. a per-step learning-rate decay)."""
 
-    def train_epoch(self, deadline: float | None = None) -> float:
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
         """One pass (see SGD.train_epoch for the `deadline`)."""
         x, y = self.data["train"]
 
@@ -62,7 +64,7 @@ class GenerativeMethod:
 
     def eval_generator(self) -> torch.Generator:
         # A fixed set of test samples: evaluation does not disturb training's random stream.
-        return torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        return stream_generator(self.seed, Stream.EVAL, self.device)
 
     def draw(self, k: int, generator: torch.Generator):
         """k weight samples in the form `forward_samples` takes: by default the (k, P) weights;

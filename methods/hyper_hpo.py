@@ -26,6 +26,7 @@ from hypersweep.methods.alternating import AlternatingTuner
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
+from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import MLP, TargetNet
 from hypersweep.methods.tuned import Space, Tuned
 
@@ -90,10 +91,10 @@ class HyperHPO(AlternatingTuner):
         if "input_noise" in groups:
             tuned.append(Tuned("input_noise", 0.0, math.inf, self.hp["init_input_noise"]))
         self.space = Space(tuned)
-        self.data_gen = torch.Generator().manual_seed(seed)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.data_gen = stream_generator(seed, Stream.ORDER)  # data order, validation batches, on the CPU
+        self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # lambda samples, input noise
         hidden = list(self.hp["hidden"]) if self.hp["variant"] == "global" else []
-        self.hypernet = ResponseNet(target, len(self.space), hidden, self.data_gen).to(self.device)
+        self.hypernet = ResponseNet(target, len(self.space), hidden, stream_generator(seed, Stream.INIT)).to(self.device)
         self.u = self.space.initial().to(self.device).requires_grad_()
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
         params = list(self.hypernet.parameters()) + ([self.log_noise_std] if splits.task == "regression" else [])

@@ -25,6 +25,7 @@ from hypersweep.methods.generative import GenerativeMethod
 from hypersweep.methods.hparams import HParam
 from hypersweep.methods.losses import task_loss
 from hypersweep.methods.targets import MLP, TargetNet, sample_dropout
+from hypersweep.methods.tuned import inv_softplus
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
@@ -42,12 +43,6 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets, S = B: train without building the (S, P) weights"),
     ]
     return {hp.name: hp for hp in hps}
-
-
-
-
-def inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 class HyperNet(nn.Module):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.generative import GenerativeMethod
 from hypersweep.methods.hparams import HParam
 from hypersweep.methods.losses import task_loss
@@ -132,7 +133,7 @@ class HyperPosterior(GenerativeMethod):
                                    weight_decay=self.hp["weight_decay"])
         return torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
-    def train_epoch(self, deadline: float | None = None) -> float:
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
         every = self.hp["lr_step_every"]
         if every:  # a function of the epoch: the same after a restore or a pass split by a deadline
             for group in self.optim.param_groups:

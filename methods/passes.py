@@ -1,21 +1,17 @@
-"""One shuffled pass over the training data in minibatches, stopping early at a wall-clock
-deadline: the loop every method's `train_epoch` runs."""
+"""One shuffled pass over the training data in minibatches, stopping early at a deadline: the
+loop every method's `train_epoch` runs."""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 
-
-def past(deadline: float | None) -> bool:
-    """Whether a wall-clock deadline (time.time()) has passed; None never passes."""
-    return deadline is not None and time.time() >= deadline
+from hypersweep.methods.clock import Deadline, past
 
 
 def minibatch_pass(n: int, batch_size: int, generator: torch.Generator, device: torch.device,
                    step: Callable[[torch.Tensor], torch.Tensor | float],
-                   deadline: float | None = None) -> tuple[float, bool]:
+                   deadline: Deadline | None = None) -> tuple[float, bool]:
     """Run `step(idx)` (one optimisation step on those rows; returns their mean loss) over a
     permutation of range(n) drawn from `generator`. Past the `deadline` the pass stops after
     the current minibatch. Returns the mean loss over the rows seen and whether the pass was

@@ -6,9 +6,9 @@ input noise (on standardised inputs), batch size. Classification minimises cross
 regression minimises the Gaussian negative log-likelihood with a learned homoscedastic noise
 scale, and reports RMSE and NLL in the data's units.
 
-All randomness (initialisation, data order, dropout masks, input noise) comes from two
-generators seeded from `seed` and saved in `state_dict`, so a restored run takes the identical
-next step.
+All randomness comes from generators seeded with named children of `seed` (methods/seeding.py):
+initialisation, then data order and noise (dropout masks, input noise, augmentation) from two
+generators saved in `state_dict`, so a restored run takes the identical next step.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.clock import Deadline
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
 from hypersweep.methods.passes import minibatch_pass
+from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import TargetNet
 
 
@@ -60,10 +62,10 @@ class SGD:
         self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
         if self.hp["augment"] and len(splits.input_shape) != 3:
             raise ValueError("hyperparameter 'augment': crop and flip need image inputs")
-        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # dropout, input noise
+        self.data_gen = stream_generator(seed, Stream.ORDER)  # on the CPU, like the permutations it draws
+        self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # dropout, input noise, augmentation
         self.module = target.module().to(self.device)
-        target.load_flat(self.module, target.init_weights(self.data_gen))
+        target.load_flat(self.module, target.init_weights(stream_generator(seed, Stream.INIT)))
         self.module.reg.configure(dropout=dropout_rates(self.hp, target.n_dropout_sites),
                                   input_noise=self.hp["input_noise"], generator=self.noise_gen)
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
@@ -108,10 +110,9 @@ class SGD:
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task_loss(out, y, self.splits.task, self.log_noise_std)
 
-    def train_epoch(self, deadline: float | None = None) -> float:
-        """One pass over the training split; returns the mean training loss. With a `deadline`
-        (time.time()), the pass stops after the minibatch that reaches it and does not count
-        as an epoch."""
+    def train_epoch(self, deadline: Deadline | None = None) -> float:
+        """One pass over the training split; returns the mean training loss. With a `deadline`,
+        the pass stops after the minibatch that reaches it and does not count as an epoch."""
         x, y = self.data["train"]
         self._apply_schedule()
         self.module.train()

@@ -37,9 +37,10 @@ from hypersweep.methods.augment import color_jitter, cutout
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
 from hypersweep.methods.losses import metrics, task_loss
+from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.stn_layers import build_stn_net
 from hypersweep.methods.targets import TargetNet
-from hypersweep.methods.tuned import Space, Tuned
+from hypersweep.methods.tuned import Space, Tuned, inv_softplus
 
 GROUPS = ("dropout", "input_noise", "jitter", "cutout")
 VARIANTS = ("stn", "delta-stn")
@@ -101,10 +102,6 @@ def build_space(hp: Mapping[str, Any], n_sites: int, input_shape: tuple[int, ...
     return Space(tuned)
 
 
-def inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
-
-
 class STN(AlternatingTuner):
     def __init__(self, target: TargetNet, splits: Splits, hp: Mapping[str, Any], *, seed: int,
                  device: str | torch.device = "cpu"):
@@ -114,10 +111,11 @@ class STN(AlternatingTuner):
             raise ValueError(f"hyperparameter 'variant': expected one of {', '.join(VARIANTS)}, got {self.hp['variant']!r}")
         self.delta = self.hp["variant"] == "delta-stn"
         self.space = build_space(self.hp, target.n_dropout_sites, splits.input_shape)
-        self.data_gen = torch.Generator().manual_seed(seed)  # init and data order, on the CPU
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)  # perturbations, masks, augmentation
+        self.data_gen = stream_generator(seed, Stream.ORDER)  # data order, validation batches, on the CPU
+        self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # perturbations, masks, augmentation
         H = len(self.space)
-        self.net = build_stn_net(target, H, zero_bottleneck=self.delta, generator=self.data_gen).to(self.device)
+        self.net = build_stn_net(target, H, zero_bottleneck=self.delta,
+                                 generator=stream_generator(seed, Stream.INIT)).to(self.device)
         self.u = self.space.initial().to(self.device).requires_grad_()
         self.s = torch.full((H,), inv_softplus(self.hp["perturb_scale"]), device=self.device, requires_grad=True)
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only

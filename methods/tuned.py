@@ -1,7 +1,9 @@
 """Hyperparameters tuned by gradient (STN, hyper-hpo): stored unconstrained, mapped to their
 range by a stretched sigmoid (bounded) or a shifted softplus (no upper bound), as the STN
 reference code does. Discrete ones (cutout length and holes) stay continuous for the
-hypernetwork and are floored only where the data pipeline uses them.
+hypernetwork and are floored only where the data pipeline uses them. `inv_softplus` gives the
+unconstrained start of any softplus-parametrised scale (STN's perturbation scales, hyper-ml's
+noise scales).
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ import torch.nn.functional as F
 # Floor tolerance: a discrete start value of 4 survives the sigmoid round trip as 4, not 3
 # (the reference code's cutout length starts at 4 and is used as 3).
 FLOOR_TOLERANCE = 1e-4
+
+
+def inv_softplus(y: float) -> float:
+    """x with softplus(x) = y > 0: log(e^y - 1), written to stay finite for large y."""
+    return y + math.log(-math.expm1(-y))
 
 
 @dataclass(frozen=True)

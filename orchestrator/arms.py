@@ -159,7 +159,7 @@ def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None
         trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]
         compute = Compute(use_ray=True, num_cpus=b.cpus_per_worker, num_gpus=b.gpus_per_worker)
         run_ensemble(trials, e.members, study_dir.ensemble_folder(unit.arm.name, unit.seed_index), compute,
-                     sample_seed=e.sample_seed, distill_too=e.distill == "polyak", tracker=tracker)
+                     sample_seed=unit.ensemble_seed if e.sample_seed is None else e.sample_seed, distill_too=e.distill == "polyak", tracker=tracker)
     except Exception as err:  # the arm's training records stand; say what went wrong on its run
         log.warning("ensemble of %s failed: %s", unit.key, err)
         tracker.set_tags(ctx.run_id, {"ensemble_error": f"{type(err).__name__}: {err}"[:4000]})

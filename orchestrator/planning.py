@@ -6,25 +6,24 @@ Kept free of Ray imports at module level, so planning can be tested and `validat
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from hypersweep.methods.seeding import repetition_seeds
+from hypersweep.methods.seeding import Stream, child_seed, repetition_seeds
 from hypersweep.orchestrator.searches import scheduler_entry, search_entry, tune_domain
 from hypersweep.orchestrator.study import ArmConfig, Study
 
 
 @dataclass(frozen=True)
 class ArmSeed:
-    """One unit of work: an arm at one repetition, with its seeds."""
+    """One unit of work: an arm at one repetition, with its seeds (methods/seeding.py)."""
     arm: ArmConfig
     seed_index: int
-    seed: int  # the repetition's seed: data split, initialisation, data order (shared by all arms)
+    seed: int  # the repetition's seed, parent of the data split's and the methods' seeds (shared by all arms)
     search_seed: int  # the searcher's seed, distinct per arm
+    ensemble_seed: int  # the generator of ensemble members drawn after the budget (shared by all arms)
 
     @property
     def key(self) -> str:
@@ -33,13 +32,11 @@ class ArmSeed:
 
 def plan(study: Study) -> list[ArmSeed]:
     """Every arm x seed, seed-major: a study stopped half-way still has paired comparisons."""
-    seeds = repetition_seeds(study.seed, study.seeds)
     out = []
-    for k, seed in enumerate(seeds):
+    for k, seed in enumerate(repetition_seeds(study.seed, study.seeds)):
         for arm in study.arms:
-            # crc32 of the name, not hash(): stable across processes.
-            search_seed = int(np.random.SeedSequence([seed, zlib.crc32(arm.name.encode())]).generate_state(1)[0])
-            out.append(ArmSeed(arm, k, seed, search_seed))
+            out.append(ArmSeed(arm, k, seed, search_seed=child_seed(seed, Stream.SEARCH, arm.name),
+                               ensemble_seed=child_seed(seed, Stream.ENSEMBLE)))
     return out
 
 
@@ -59,7 +56,7 @@ def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> d
         # replicas (a fixed arm's num_samples): own init and noise seeds, e.g. a deep ensemble
         "replica": tune_domain({"grid": list(range(unit.arm.num_samples))}) if search.replicas else 0,
         "schedule": None,  # search 'replay': filled in by the runner from the STN arm's records
-        "data_seed": unit.seed,
+        "data_seed": child_seed(unit.seed, Stream.SPLIT),
         "epochs_per_step": study.training.epochs_per_step,
         "device": study.training.device,
     }

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from hypersweep.orchestrator import budget
+
 
 @dataclass
 class ArmStatus:
@@ -30,8 +32,7 @@ class ArmStatus:
 
     @property
     def within_budget(self) -> bool:
-        from hypersweep.orchestrator.budget import tolerance
-        return self.wall_time_used_s <= self.budget_s + tolerance(self.budget_s)
+        return budget.within_budget(self.wall_time_used_s, self.budget_s)
 
 
 def _fmt(x, spec=".4f") -> str:

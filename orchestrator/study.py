@@ -52,7 +52,9 @@ class ModelConfig(_Frozen):
 class EnsembleConfig(_Frozen):
     members: int = Field(ge=2)  # samples of a generative method; best independent trials otherwise
     distill: Literal["polyak", "none"] = "polyak"
-    sample_seed: int = 0  # the generator of a generative method's member samples
+    # the generator of a generative method's member samples; default: the repetition's
+    # ensemble seed (methods/seeding.py), so each repetition draws its own members
+    sample_seed: int | None = None
 
 
 class ArmConfig(_Frozen):
@@ -95,6 +97,7 @@ class TrainingConfig(_Frozen):
     max_epochs: int = Field(100, ge=1)  # per trial
     epochs_per_step: int = Field(1, ge=1)  # epochs between two reports
     checkpoint_every: int = Field(10, ge=1)  # reports between two checkpoints
+    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died, from its last checkpoint
     device: str = "auto"
 
 

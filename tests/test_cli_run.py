@@ -7,6 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.planning import plan
 from hypersweep.orchestrator.study import load_study
 
 STUDY = {
@@ -72,8 +73,12 @@ def test_mlflow_records(finished_study):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == ["fixed-seed0", "fixed-seed1", "rand-seed0", "rand-seed1"]
     df = pd.read_parquet(study_dir / "results.parquet")
+    units = {u.key: u for u in plan(load_study(study_dir / "study.yaml"))}
     for child in children:
         tags = child.data.tags
+        unit = units[f"{tags['arm']}/seed{tags['seed_index']}"]  # the seeds used are recorded on the arm run
+        assert (child.data.params["seed"], child.data.params["search_seed"]) == (str(unit.seed), str(unit.search_seed))
+        assert set(df[(df.arm == unit.arm.name) & (df.seed_index == unit.seed_index)].seed) == {unit.seed}
         assert {tags["arm"], tags["method"], tags["dataset"]} <= {"fixed", "rand", "sgd", "digits"}
         assert tags["study_id"] == study_dir.name and tags["search"] in ("fixed", "random")
         history = client.get_metric_history(child.info.run_id, "val_loss")

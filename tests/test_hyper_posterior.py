@@ -77,9 +77,10 @@ def test_learns_digits_and_reports_single_and_averaged():
 
 def test_resnet_trains_with_augmentation():
     m = _method(kind="resnet", augment=1, batch_size=32)
-    before = m.evaluate("val")["loss"]
-    m.train_epoch()
-    assert m.evaluate("val")["loss"] < before
+    first, second = m.train_epoch(), m.train_epoch()
+    # The mean training loss falls from epoch to epoch. (After one epoch this small net's
+    # validation loss moves less than it varies from seed to seed: it rose for some seeds.)
+    assert second < first and m.epoch == 2
 
 
 def test_crop_flip_matches_a_per_example_reference():

@@ -7,6 +7,7 @@ import cloudpickle
 import pytest
 
 from hypersweep.methods import METHODS
+from hypersweep.methods.clock import Deadline, FakeClock
 from hypersweep.workers import trainable_class
 
 # One small config per method; a new method adds its line here.
@@ -84,7 +85,6 @@ def test_a_diverged_trial_fails_instead_of_reporting_nan():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_deadline_ends_an_epoch_between_minibatches(method):
     """Past the deadline, a pass stops after one minibatch and is not counted as an epoch."""
-    import time
     t = trainable_class(method)(config=_config(method))
     m = t.method
     calls = []
@@ -92,7 +92,7 @@ def test_a_deadline_ends_an_epoch_between_minibatches(method):
     if step is not None:
         name = "train_step" if hasattr(m, "train_step") else "train_batch"
         setattr(m, name, lambda *a: (calls.append(1), step(*a))[1])
-    loss = m.train_epoch(deadline=time.time() - 1)
+    loss = m.train_epoch(deadline=Deadline(0.0, FakeClock(1.0)))
     assert math.isfinite(loss) and m.epoch == 0
     if step is not None:
         assert len(calls) == 1

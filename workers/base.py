@@ -12,12 +12,15 @@ The config a trial receives (built by the coordinator, see orchestrator/planning
     dataset: {name, root, val_fraction, test_fraction, split_index}
     model:   {kind, hidden, ...}
     hp:      the method's hyperparameters (searched ones sampled by Tune)
-    seed, epochs_per_step, device ("auto": a GPU when Ray assigned one)
+    seed:    the repetition's seed, which `trial_seed` makes the method's; data_seed: the split's
+    deadline: the end of the arm's budget, a `Deadline` (methods/clock.py); absent: no end
+    epochs_per_step, device ("auto": a GPU when Ray assigned one)
     replica: independent repeat r of a fixed configuration (a deep ensemble's members)
 
 `build_method(config, device)` makes the registered method's `METHOD` object, which has
-`train_epoch() -> float`, `evaluate(split) -> dict`, `state_dict()`, `load_state_dict()`, and
-optionally `diagnostics() -> dict` (extra per-step metrics, e.g. `weight_std`).
+`train_epoch(deadline=None) -> float`, `evaluate(split) -> dict`, `state_dict()`,
+`load_state_dict()`, and optionally `diagnostics() -> dict` (extra per-step metrics, e.g.
+`weight_std`).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from ray import tune
 
 from hypersweep.methods import data as datasets
 from hypersweep.methods import method_module
-from hypersweep.methods.seeding import derived_seed
+from hypersweep.methods.clock import Deadline, past
+from hypersweep.methods.seeding import Stream, child_seed
 from hypersweep.methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
@@ -62,10 +66,11 @@ def worker_device(requested: str = "auto") -> torch.device:
 
 
 def trial_seed(config: dict[str, Any]) -> int:
-    """The seed of the method's initialisation and noise: the repetition's seed, or for replica
-    r > 0 of a fixed arm (independent runs of one configuration) a child seed of it."""
+    """The seed of the method's initialisation and noise: the repetition's seed (the same for
+    every arm: arms are paired), or for replica r > 0 of a fixed arm (independent runs of one
+    configuration) its REPLICA child."""
     replica = int(config.get("replica", 0))
-    return config["seed"] if replica == 0 else derived_seed(config["seed"], replica)
+    return config["seed"] if replica == 0 else child_seed(config["seed"], Stream.REPLICA, replica)
 
 
 def build_target_for(config: dict[str, Any], splits: datasets.Splits):
@@ -92,28 +97,43 @@ class MethodTrainable(tune.Trainable):
         self.splits, self.target, self.method = build_method(config, self.device)
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
 
-    def step(self) -> dict[str, Any]:
-        """`epochs_per_step` epochs, fewer when the arm's deadline (config `deadline`, wall-clock
-        time.time()) passes first, then one report: work done before the budget ends is
-        always reported."""
-        t = time.monotonic()
+    def _deadline(self) -> Deadline | None:
+        """The arm's deadline: as posted on the deadline board now (it moves when a study is
+        resumed, see workers/deadlines.py), else as the config carries it."""
         deadline = self.config.get("deadline") if isinstance(self.config, dict) else None
-        losses = []
+        if deadline is not None and not isinstance(deadline, Deadline):
+            raise TypeError(f"config 'deadline': expected a Deadline (Budget.deadline()), got {deadline!r}")
+        key = self.config.get("deadline_key") if isinstance(self.config, dict) else None
+        if deadline is not None and key is not None:
+            from hypersweep.workers.deadlines import posted_deadline
+            posted = posted_deadline(key)
+            if posted is not None:
+                deadline = Deadline(posted, deadline.clock)
+        return deadline
+
+    def step(self) -> dict[str, Any]:
+        """`epochs_per_step` epochs, fewer when the arm's deadline passes first, then one report:
+        work done before the budget ends is always reported. `epochs_this_step` counts complete
+        epochs; a pass the deadline cut short trains and counts in `train_loss`, not as an epoch."""
+        t = time.monotonic()
+        deadline = self._deadline()
+        epoch_before, losses = self.method.epoch, []
         for _ in range(self.epochs_per_step):
-            if deadline is not None and time.time() >= deadline:
+            if past(deadline):
                 break
-            # the deadline also ends an epoch between minibatches (a partial pass is not counted)
+            # the deadline also ends an epoch between minibatches
             losses.append(self.method.train_epoch(deadline) if deadline is not None else self.method.train_epoch())
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         if losses and not math.isfinite(train_loss):
             # A diverged run would report NaN to the end of its budget: fail the trial instead.
             raise FloatingPointError(f"training diverged: non-finite training loss at epoch {self.method.epoch}")
-        report = {"train_loss": train_loss, "epoch": self.method.epoch, "epochs_this_step": len(losses)}
+        report = {"train_loss": train_loss, "epoch": self.method.epoch,
+                  "epochs_this_step": self.method.epoch - epoch_before}
         for split in ("val", "test"):
             report.update({f"{split}_{k}": v for k, v in self.method.evaluate(split).items()})
         if hasattr(self.method, "diagnostics"):
             report.update(self.method.diagnostics())
-        if deadline is not None and time.time() >= deadline:
+        if past(deadline):
             report["should_checkpoint"] = True  # the budget ends here: keep this state (ensembles draw from it)
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0

@@ -31,10 +31,17 @@ def deadline_board():
     return DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
 
 
+_board = None  # this worker process's handle on the board (one Ray job: one board)
+
+
 def posted_deadline(key: str) -> float | None:
     """The deadline posted for `key`, or None (no board: a trial outside a study)."""
-    try:
-        board = ray.get_actor(BOARD_NAME)
-    except ValueError:
+    global _board
+    if not ray.is_initialized():
         return None
-    return ray.get(board.read.remote(key))
+    if _board is None:
+        try:
+            _board = ray.get_actor(BOARD_NAME)
+        except ValueError:
+            return None
+    return ray.get(_board.read.remote(key))
