@@ -177,10 +177,14 @@ class Recorder:
         if rows:
             best = status.best_row
             # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
+            # Not its wall_time_s: that series is the anytime curve's, by report (no two series
+            # share a (metric, step) in one run).
             for row in rows:
                 if row["trial_id"] == best["trial_id"]:
-                    self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if _is_metric(k, v)}, row["step"])
-            summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v)})
+                    self.tracker.log_metrics(run_id, {k: v for k, v in row.items()
+                                                      if _is_metric(k, v) and k != "wall_time_s"}, row["step"])
+            # best_val_loss is the anytime curve's last point already
+            summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v) and k != "val_loss"})
             self.tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
                                              **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
         self.tracker.log_metrics(run_id, summary, status.reports)

@@ -63,11 +63,15 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # hypersweep handles SIGINT itself (see _stop_on_signals); Tune's handler would end the arm
     # "gracefully" and let the study go on to the next arm.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # How often Tune saves the experiment state a restore starts from (which checkpoints exist,
+    # which trials ran): by default every 10 s or more, so a coordinator killed in that window
+    # restarts trials from older checkpoints, or from zero. Keep it at 2 s unless set.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    else:  # a new Ray of our own, never one found through RAY_ADDRESS or a stale /tmp/ray file
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
 def shutdown_ray() -> None:

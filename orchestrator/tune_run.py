@@ -16,6 +16,7 @@ so an experiment restored by a new coordinator uses the new coordinator's budget
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ _LIVE: dict[str, LiveArm] = {}
 
 
 def arm_key(study_dir: StudyDir, unit: ArmSeed) -> str:
-    return f"{study_dir.study_id}/{unit.key}"
+    return unit.key  # one study per coordinator; the directory may be renamed between a crash and a resume
 
 
 class _Bound:
@@ -119,8 +120,9 @@ class BudgetedSearch(_Bound, SearchAlgorithm):
 class BudgetStopper(_Bound, tune.Stopper):
     """Stops a trial at `max_steps` reports or at its first report once the arm's budget is
     spent (trials end their step at the deadline themselves, so that report comes promptly and
-    carries a checkpoint). The whole experiment is stopped only half the tolerance later, for
-    a trial that does not report: stopping it at the deadline would race those last reports."""
+    carries a checkpoint). The whole experiment (pending trials too) stops once the budget is
+    spent and no trial is running any more, or half the tolerance later for a trial that does
+    not report: stopping it at the deadline would race those last reports."""
 
     def __init__(self, key: str, max_steps: int):
         super().__init__(key)
@@ -130,8 +132,9 @@ class BudgetStopper(_Bound, tune.Stopper):
         return result["training_iteration"] >= self.max_steps or self.arm.budget.exhausted()
 
     def stop_all(self) -> bool:
-        b = self.arm.budget
-        return b.started and b.elapsed() >= b.seconds + tolerance(b.seconds) / 2
+        arm = self.arm
+        b = arm.budget
+        return b.exhausted() and (not arm.running or b.elapsed() >= b.seconds + tolerance(b.seconds) / 2)
 
 
 class TuneEvents(_Bound, tune.Callback):
@@ -195,6 +198,9 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
     deadline = budget.deadline()
     # Trials read the deadline from the board at every step; a restored trial's config holds an old one.
     deadline_board().post.remote(key, float(deadline))
+    # Tune creates trials ahead of free slots (up to 200 for its variant generator): those that
+    # start after the deadline train nothing. One per slot keeps the slots' actors starting together.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(workers)
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
     storage_path, storage_fs = study_dir.tune_storage()

@@ -57,21 +57,29 @@ def test_budget_must_be_positive():
 def test_stopper_keeps_the_report_then_stops_everything():
     clock = FakeClock()
     budget = Budget(10, clock).start()
-    _LIVE["k"] = LiveArm(budget, sink=lambda *event: None, workers=1)
+    arm = _LIVE["k"] = LiveArm(budget, sink=lambda *event: None, workers=2)
     stop = BudgetStopper("k", max_steps=5)
+    arm.running.update({"t1", "t2"})
     assert not stop("t1", {"training_iteration": 1}) and not stop.stop_all()
     assert stop("t1", {"training_iteration": 5})  # this trial is done, others go on
+    arm.running.discard("t1")
     assert not stop.stop_all()
     clock.advance(10)
     # Tune records the result it passes to the stopper; stopping afterwards loses nothing.
     assert stop("t2", {"training_iteration": 2})
-    # The experiment as a whole stops half the tolerance (max(2%, 5 s) / 2) later, so the
-    # trials' own deadline reports (and their checkpoints) arrive first.
+    # While a trial still runs, the experiment as a whole stops half the tolerance
+    # (max(2%, 5 s) / 2) later, so the trials' own deadline reports (and checkpoints) arrive first.
     assert not stop.stop_all()
     clock.advance(2.4)
     assert not stop.stop_all()
     clock.advance(0.2)
     assert stop.stop_all()
+    # Once no trial runs, the spent budget stops it at once (pending trials never start).
+    clock.advance(-2.6)
+    assert not stop.stop_all()
+    arm.running.discard("t2")
+    assert stop.stop_all()
+    del _LIVE["k"]
 
 
 def test_the_deadline_is_the_budget_end_on_the_same_clock():

@@ -4,6 +4,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from click.testing import CliRunner
 
 from hypersweep.orchestrator.cli import main
@@ -93,6 +94,9 @@ def test_mlflow_records(finished_study):
         assert len(trials) == arm_rows.trial_id.nunique()
         assert sum(len(client.get_metric_history(t.info.run_id, "val_loss")) for t in trials) == len(arm_rows)
         assert min(anytime) == pytest.approx(arm_rows.val_loss.min())
+        for key in child.data.metrics:  # no two series share a (metric, step) in one run
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert len(steps) == len(set(steps)), key
     assert "study.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
@@ -104,5 +108,17 @@ def test_study_dir_contents(finished_study):
     assert run_map["tracking_uri"] == uri and set(run_map["arms"]) == {
         "fixed/seed0", "fixed/seed1", "rand/seed0", "rand/seed1"}
     assert (study_dir / "tune" / "rand-seed1").is_dir()
-    assert sorted(p.name for p in (study_dir / "results").iterdir()) == [
-        "fixed__seed0.parquet", "fixed__seed1.parquet", "rand__seed0.parquet", "rand__seed1.parquet"]
+    assert sorted(p.name for p in (study_dir / "results").iterdir()) == sorted(
+        f"{arm}__seed{k}.{ext}" for arm in ("fixed", "rand") for k in (0, 1) for ext in ("parquet", "jsonl"))
+    # The journal (appended at every report) and the part (rewritten) hold the same reports.
+    for arm in ("fixed", "rand"):
+        part = pd.read_parquet(study_dir / "results" / f"{arm}__seed0.parquet")
+        journal = pd.read_json(study_dir / "results" / f"{arm}__seed0.jsonl", lines=True)
+        assert list(zip(journal.trial_id, journal.step)) == list(zip(part.trial_id, part.step))
+        assert journal.val_loss.tolist() == pytest.approx(part.val_loss.tolist())
+    # Every trial run is in runs.json, under its arm x seed.
+    client = MlflowClient(uri)
+    for key, trials in run_map["trials"].items():
+        for trial_id, run_id in trials.items():
+            tags = client.get_run(run_id).data.tags
+            assert tags["trial_id"] == trial_id and tags["mlflow.parentRunId"] == run_map["arms"][key]

@@ -77,7 +77,7 @@ def _propose(name: str, seed: int, n: int, tmp_path: Path) -> list[dict]:
     asked n times (and told each result), the variant generator enumerates its trials."""
     from ray.tune.experiment import Experiment
     from ray.tune.search import Searcher
-    unit = ArmSeed(_arm(name, n), 0, 7, seed)
+    unit = ArmSeed(_arm(name, n), 0, 7, seed, ensemble_seed=11)
     param_space = trial_config(STUDY, unit)
     alg = searcher(unit)
     if isinstance(alg, Searcher):
@@ -101,7 +101,7 @@ def _samples(name: str) -> bool:
 def test_proposals_are_inside_the_space(name, tmp_path):
     arm = _arm(name, PROPOSALS)
     configs = _propose(name, SEED, PROPOSALS, tmp_path)
-    unit = ArmSeed(arm, 0, 7, SEED)
+    unit = ArmSeed(arm, 0, 7, SEED, ensemble_seed=11)
     assert len(configs) == (PROPOSALS if SEARCHES[name].learns else
                             _expected_trials(trial_config(STUDY, unit), num_samples(unit)))
     for config in configs:
@@ -174,7 +174,7 @@ def _tune(unit: ArmSeed, tmp_path: Path, max_steps: int, cpus: int = 1):
 @pytest.mark.parametrize("name", SEARCHES)
 def test_trials_through_tune_report_their_configs(name, ray_session, tmp_path):
     n = 1 if SEARCHES[name].crosses else 2  # a crossing search's example space has 4 points already
-    unit = ArmSeed(_arm(name, n), 0, 7, SEED)
+    unit = ArmSeed(_arm(name, n), 0, 7, SEED, ensemble_seed=11)
     results = _tune(unit, tmp_path, max_steps=1)
     assert len(results) == _expected_trials(trial_config(STUDY, unit), num_samples(unit))
     for r in results:
@@ -234,7 +234,7 @@ def test_asha_stops_the_worse_trial_at_the_first_rung(ray_session, tmp_path):
     # the worse one reaches rung 1 with the better one's value recorded there
     arm = _arm("grid", 1, space={"lr": {"grid": [0.01, 0.001]}}).model_copy(
         update={"scheduler": "asha", "scheduler_options": {"grace_period": 1, "reduction_factor": 2}})
-    results = _tune(ArmSeed(arm, 0, 7, SEED), tmp_path, max_steps=3, cpus=2)
+    results = _tune(ArmSeed(arm, 0, 7, SEED, ensemble_seed=11), tmp_path, max_steps=3, cpus=2)
     assert [r.config["hp"]["lr"] for r in results] == [0.01, 0.001]
     assert [r.metrics["step"] for r in results] == [3, 1]
     assert results[1].metrics["val_loss"] - results[0].metrics["val_loss"] == pytest.approx(1.0)
@@ -243,7 +243,7 @@ def test_asha_stops_the_worse_trial_at_the_first_rung(ray_session, tmp_path):
 def test_pbt_exploits_a_checkpoint_and_mutates_within_the_list(ray_session, tmp_path):
     arm = _arm("grid", 1, space={"lr": {"grid": [0.01, 0.001]}}).model_copy(
         update={"scheduler": "pbt", "scheduler_options": {"perturbation_interval": 1, "quantile_fraction": 0.5}})
-    results = _tune(ArmSeed(arm, 0, 7, SEED), tmp_path, max_steps=4, cpus=2)
+    results = _tune(ArmSeed(arm, 0, 7, SEED, ensemble_seed=11), tmp_path, max_steps=4, cpus=2)
     # Every report continues the trial's own last state or, after an exploit, a state the other
     # trial reported (its checkpoint) one step before; a mutated lr stays in the grid's list.
     exploits = 0

@@ -93,6 +93,7 @@ class MethodTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any]) -> None:
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0  # wall time of earlier incarnations of this trial (restores)
+        self._restores = 0  # times this trial went on from a checkpoint (a worker died, a study resumed, PBT)
         self.device = worker_device(config.get("device", "auto"))
         self.splits, self.target, self.method = build_method(config, self.device)
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
@@ -102,7 +103,10 @@ class MethodTrainable(tune.Trainable):
         resumed, see workers/deadlines.py), else as the config carries it."""
         deadline = self.config.get("deadline") if isinstance(self.config, dict) else None
         if deadline is not None and not isinstance(deadline, Deadline):
-            raise TypeError(f"config 'deadline': expected a Deadline (Budget.deadline()), got {deadline!r}")
+            if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+                raise TypeError(f"config 'deadline': expected a Deadline (Budget.deadline()), got {deadline!r}")
+            # Tune's experiment state keeps configs as JSON: a restored trial gets the number back
+            deadline = Deadline(float(deadline))
         key = self.config.get("deadline_key") if isinstance(self.config, dict) else None
         if deadline is not None and key is not None:
             from hypersweep.workers.deadlines import posted_deadline
@@ -137,10 +141,12 @@ class MethodTrainable(tune.Trainable):
             report["should_checkpoint"] = True  # the budget ends here: keep this state (ensembles draw from it)
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
+        report["restores"] = self._restores
         return report
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0)
+        state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0,
+                     restores=self._restores)
         torch.save(state, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
@@ -148,6 +154,7 @@ class MethodTrainable(tune.Trainable):
                            weights_only=True)
         self.method.load_state_dict(state)
         self._elapsed_before, self._t0 = float(state["elapsed"]), time.monotonic()
+        self._restores = int(state.get("restores", 0)) + 1
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self.setup(new_config)

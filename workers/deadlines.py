@@ -26,12 +26,16 @@ class DeadlineBoard:
         return self._at.get(key)
 
 
+_board = None  # this process's handle on the board (one Ray job: one board)
+
+
 def deadline_board():
-    """The board of this Ray job (made on first use; it lives as long as the coordinator)."""
-    return DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
-
-
-_board = None  # this worker process's handle on the board (one Ray job: one board)
+    """The board of this Ray job, made on first use. The coordinator keeps its handle: a named
+    actor that is not detached lives as long as a handle on it does."""
+    global _board
+    if _board is None:
+        _board = DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
+    return _board
 
 
 def posted_deadline(key: str) -> float | None:

@@ -1,0 +1,205 @@
+"""`hypersweep resume` after the coordinator died (SIGKILL) or was stopped (SIGINT) in the middle
+of a study: the finished study has every arm x seed, exact records (no report twice, none
+lost, every MLflow (run, metric, step) once, no run left RUNNING), equal budgets, and the
+interrupted trials went on from their checkpoints."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from hypersweep.orchestrator.budget import within_budget
+
+BUDGET_S = 24
+STUDY = {
+    "name": "resumable", "seed": 5, "seeds": 2,
+    "dataset": {"name": "digits"}, "model": {"kind": "mlp", "hidden": [32]},
+    "arms": [
+        {"name": "fixed", "method": "sgd", "search": "fixed", "params": {"lr": 0.05}, "max_epochs": 20},
+        {"name": "rand", "method": "sgd", "search": "random", "num_samples": 4,
+         "space": {"lr": {"loguniform": [0.01, 0.2]}}},
+    ],
+    "budget": {"seconds": BUDGET_S, "workers": 2},
+    # trials that outlive the stop: two run side by side until the budget ends
+    "training": {"max_epochs": 100000, "epochs_per_step": 10, "checkpoint_every": 2},
+}
+
+
+def _cli(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hypersweep.orchestrator.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """What the dead coordinator's Ray left behind (raylet, workers) goes too."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the study ended before the moment to stop it:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    pytest.fail("the moment to stop the study never came")
+
+
+def _journal(sd: Path, arm: str, seed_index: int) -> list[dict]:
+    path = sd / "results" / f"{arm}__seed{seed_index}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _running(sd: Path, key: str) -> bool:
+    try:
+        arms = json.loads((sd / "arms.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return arms.get(key, {}).get("status") == "running"
+
+
+def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list[dict]]) -> None:
+    arms = json.loads((sd / "arms.json").read_text())
+    assert sorted(arms) == ["fixed/seed0", "fixed/seed1", "rand/seed0", "rand/seed1"]
+    assert {a["status"] for a in arms.values()} == {"done"}, arms
+    for a in arms.values():  # equal budgets: the time before the stop counts, the gap does not
+        assert within_budget(a["wall_time_used_s"], BUDGET_S), a
+    assert arms["rand/seed0"]["interruptions"] == 1
+
+    results = pd.read_parquet(sd / "results.parquet")
+    keys = list(zip(results.arm, results.seed_index, results.trial_id, results.step))
+    assert len(keys) == len(set(keys)), "a report recorded twice"
+    for (arm, seed_index), rows in before.items():  # nothing recorded before the stop was lost
+        had = {(r["trial_id"], r["step"]) for r in rows}
+        now = set(zip(results[(results.arm == arm) & (results.seed_index == seed_index)].trial_id,
+                      results[(results.arm == arm) & (results.seed_index == seed_index)].step))
+        assert had <= now
+    # Every trial's steps run 1, 2, ..., n: a restored trial went on from its checkpoint, and a
+    # trial that was running when the study stopped says so in `restores`.
+    for (arm, seed_index, trial_id), g in results.groupby(["arm", "seed_index", "trial_id"]):
+        assert sorted(g.step) == list(range(1, len(g) + 1)), (arm, seed_index, trial_id)
+    stopped = results[(results.arm == "rand") & (results.seed_index == 0)]
+    restored = stopped[stopped.restores > 0]
+    assert len(restored), "no trial of the stopped arm went on from a checkpoint"
+    first = restored.sort_values("step").groupby("trial_id").step.first()
+    assert (first > 1).all(), "a restored trial started from zero"
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("resumable")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    kinds = Counter(r.data.tags.get("kind") for r in runs)
+    assert kinds["study"] == 1 and kinds["arm"] == 4
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parent = next(r for r in runs if r.data.tags.get("kind") == "study")
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "1"
+    trials = Counter((r.data.tags["mlflow.parentRunId"], r.data.tags["trial_id"]) for r in runs
+                     if r.data.tags.get("kind") == "trial")
+    assert trials and max(trials.values()) == 1, "a trial with two runs"
+    assert len(trials) == results.groupby(["arm", "seed_index"]).trial_id.nunique().sum()
+    for run in runs:  # every (run, metric, step) once
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key)
+    # The trial runs carry every report of the results store.
+    by_trial = {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("kind") == "trial"
+                and r.data.tags["arm"] == "rand" and r.data.tags["seed_index"] == "0"}
+    for trial_id, g in stopped.groupby("trial_id"):
+        history = client.get_metric_history(by_trial[trial_id], "val_loss")
+        assert sorted(m.step for m in history) == sorted(g.step)
+
+
+@pytest.mark.parametrize("moment_s", [2.5, 5.0, 7.5], ids=["early", "mid-arm", "late-arm"])
+def test_resume_after_sigkill_inside_a_searched_arm(tmp_path, moment_s):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = _cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live")
+    try:
+        # inside the searched arm of the first repetition, `moment_s` after its first report (Tune
+        # has saved its experiment state with a checkpoint by then: it does every 2 s)
+        _wait_for(lambda: _running(sd, "rand/seed0") and _journal(sd, "rand", 0), 120, run)
+        time.sleep(moment_s)
+        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        _kill_group(run)
+    assert run.returncode == -signal.SIGKILL
+
+    t0 = time.monotonic()
+    resume = _cli("resume", str(sd), "--no-live")
+    out = _finish(resume)
+    assert resume.returncode == 0, out
+    assert time.monotonic() - t0 < 240
+    _check_finished_study(sd, uri, before)
+
+    again = _cli("resume", str(sd), "--no-live")  # a finished study: said so, nothing changed
+    stamp = (sd / "arms.json").stat().st_mtime_ns
+    assert "has finished" in _finish(again) and again.returncode == 0
+    assert (sd / "arms.json").stat().st_mtime_ns == stamp
+
+
+def test_sigint_stops_the_study_and_resume_finishes_it(tmp_path):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = _cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live")
+    try:
+        _wait_for(lambda: _running(sd, "rand/seed0") and len(_journal(sd, "rand", 0)) >= 2, 120, run)
+        os.kill(run.pid, signal.SIGINT)
+        out = _finish(run, timeout=60)
+    finally:
+        _kill_group(run)
+    assert run.returncode == 130, out
+    assert f"hypersweep resume {sd}" in out
+    arms = json.loads((sd / "arms.json").read_text())
+    assert arms["rand/seed0"]["status"] == "interrupted" and "rand/seed1" not in arms  # the study stopped
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
+    used_before = arms["rand/seed0"]["wall_time_used_s"]
+    assert 0 < used_before < BUDGET_S
+
+    resume = _cli("resume", str(sd), "--no-live")
+    out = _finish(resume)
+    assert resume.returncode == 0, out
+    _check_finished_study(sd, uri, before)
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    not_a_study = tmp_path / "empty"
+    not_a_study.mkdir()
+    r = subprocess.run([sys.executable, "-m", "hypersweep.orchestrator.cli", "resume", str(not_a_study)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a study directory" in r.stderr and len(r.stderr.splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "study.yaml").write_text(yaml.safe_dump({**STUDY, "budget": {"seconds": -1}}))
+    r = subprocess.run([sys.executable, "-m", "hypersweep.orchestrator.cli", "resume", str(broken)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "budget.seconds" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert sorted(p.name for p in broken.iterdir()) == ["study.yaml"]  # nothing written
+    (broken / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    r = subprocess.run([sys.executable, "-m", "hypersweep.orchestrator.cli", "resume", str(broken), "--budget-s", "5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "smaller than the study's recorded budget" in r.stderr
+    assert math.isclose(yaml.safe_load((broken / "study.yaml").read_text())["budget"]["seconds"], BUDGET_S)
