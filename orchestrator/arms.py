@@ -16,7 +16,7 @@ from hypersweep.orchestrator.recorder import ArmContext, Recorder
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir
 from hypersweep.orchestrator.tracking import Tracker
-from hypersweep.orchestrator.trials import Compute, find_trials, groups, write_trial_records
+from hypersweep.orchestrator.trials import Compute, EnsembleError, find_trials, groups, write_trial_records
 from hypersweep.orchestrator.tune_run import QueueSink, tune_arm
 
 log = logging.getLogger("hypersweep")
@@ -36,6 +36,9 @@ def prepare_arm(study: Study, unit: ArmSeed, study_dir: StudyDir, data_root: str
 
 def run_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, clock: Clock, data_root: str | None) -> None:
     """One arm x seed in this process, on all the budget's worker slots."""
+    if ctx.status.status == "ending":  # its training had ended when the coordinator died
+        finish_arm(Recorder(ctx, tracker, study_dir), ended_outcome(ctx, study_dir))
+        return
     prepared = prepare_arm(ctx.study, ctx.unit, study_dir, data_root)
     if isinstance(prepared, str):
         refuse_arm(ctx, tracker, study_dir, prepared)
@@ -74,6 +77,9 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
     remote_arm = ray.remote(num_cpus=0)(tune_arm)
     running = []
     for ctx in contexts:
+        if ctx.status.status == "ending":  # its training had ended when the coordinator died
+            finish_arm(Recorder(ctx, tracker, study_dir), ended_outcome(ctx, study_dir))
+            continue
         prepared = prepare_arm(study, ctx.unit, study_dir, data_root)
         if isinstance(prepared, str):
             refuse_arm(ctx, tracker, study_dir, prepared)
@@ -113,9 +119,23 @@ def refuse_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, why: str)
     tracker.end_run(ctx.run_id, "FAILED")
 
 
+def ended_outcome(ctx: ArmContext, study_dir: StudyDir) -> dict[str, Any]:
+    """The Tune outcome of an arm whose training had ended before the coordinator died in its
+    end records: the trial records it wrote first, the errors and time arms.json kept."""
+    unit = ctx.unit
+    try:
+        trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]
+    except (EnsembleError, KeyError):
+        trials = []
+    return {"errors": ctx.status.trial_errors, "used": ctx.status.wall_time_used_s,
+            "trials": {t.trial_id: (t.folder.path, t.config) for t in trials}}
+
+
 def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
-    """Records at the end of an arm x seed: results part, trial runs, the arm run's summary,
-    schedule plot, trial records, ensemble. `outcome` None: the arm was interrupted."""
+    """Records at the end of an arm x seed, in an order a resume can repeat: results part,
+    trial runs, then (status "ending" in arms.json) trial records, the arm run's summary,
+    schedule plot, ensemble, and only then "done" or "failed". `outcome` None: the arm was
+    interrupted."""
     ctx, tracker, study_dir = recorder.ctx, recorder.tracker, recorder.study_dir
     unit, run_id, status = ctx.unit, ctx.run_id, ctx.status
     status.wall_time_used_s = outcome["used"] if outcome else status.elapsed_s
@@ -135,7 +155,12 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         log.warning("%s failed: %s", unit.key, outcome["error"])
         tracker.set_tags(run_id, {"error": outcome["error"][:4000]})
     failed = not recorder.rows or errors < 0 or errors == status.trials_started
-    status.status = "failed" if failed else "done"
+    status.status, status.trial_errors = "ending", errors
+    if ctx.records is not None:
+        ctx.records.write_arms()
+    trials = {name: (Folder(path, study_dir.fs), config) for name, (path, config) in outcome["trials"].items()}
+    write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
+                        seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)
     recorder.record_arm_end(max(errors, 0))
     if recorder.rows and any(k.startswith("hp/") for k in status.best_row):
         best = [r for r in recorder.rows if r["trial_id"] == status.best_row["trial_id"]]
@@ -143,17 +168,17 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         with study_dir.writing(name) as local:
             schedule_plot(best, local, title=f"{unit.arm.name} seed {unit.seed_index} ({unit.arm.method})")
             tracker.log_artifact(run_id, local, "plots")
-    trials = {name: (Folder(path, study_dir.fs), config) for name, (path, config) in outcome["trials"].items()}
-    write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
-                        seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)
     if unit.arm.ensemble and not failed:
         arm_ensemble(ctx, tracker, study_dir)
+    status.status = "failed" if failed else "done"
     tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
 
 
 def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None:
     """The arm's `ensemble:` request, after its budget (the time is recorded, not charged)."""
     unit, e, b = ctx.unit, ctx.unit.arm.ensemble, ctx.study.budget
+    if max(tracker.last_step(ctx.run_id, key, default=-1) for key in ("ensemble.members", "ensemble_time_s")) >= 0:
+        return  # recorded before the coordinator died
     t = time.monotonic()
     try:
         trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]

@@ -25,6 +25,7 @@ class ArmStatus:
     best_row: dict = field(default_factory=dict)  # the report with the lowest val_loss
     wall_time_used_s: float = 0.0
     interruptions: int = 0  # times the coordinator died or was stopped while this arm ran
+    trial_errors: int = 0  # trials that failed for good (after their retries)
 
     @property
     def ended(self) -> bool:

@@ -174,20 +174,24 @@ class Recorder:
         status, rows, run_id = self.ctx.status, self.rows, self.ctx.run_id
         summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
                    "trial_errors": errors, "reports": status.reports}
+        # A resumed arm may have written part of this before the coordinator died: once each.
+        sent = self.tracker.last_step(run_id, "val_loss")
+        summarised = self.tracker.last_step(run_id, "trial_errors", default=-1) >= 0
         if rows:
             best = status.best_row
             # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
             # Not its wall_time_s: that series is the anytime curve's, by report (no two series
             # share a (metric, step) in one run).
             for row in rows:
-                if row["trial_id"] == best["trial_id"]:
+                if row["trial_id"] == best["trial_id"] and row["step"] > sent:
                     self.tracker.log_metrics(run_id, {k: v for k, v in row.items()
                                                       if _is_metric(k, v) and k != "wall_time_s"}, row["step"])
             # best_val_loss is the anytime curve's last point already
             summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v) and k != "val_loss"})
             self.tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
                                              **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
-        self.tracker.log_metrics(run_id, summary, status.reports)
+        if not summarised:
+            self.tracker.log_metrics(run_id, summary, status.reports)
 
 
 def _metrics_of(row: dict[str, Any]) -> dict[str, float]:

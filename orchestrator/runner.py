@@ -135,9 +135,10 @@ class StudyRecords:
         self._beat = time.monotonic()
         self.study_dir.write_arms({f"{s.arm}/seed{s.seed_index}": {
             "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
-            "wall_time_used_s": s.wall_time_used_s if s.ended or s.status == "interrupted" else s.elapsed_s,
+            "wall_time_used_s": s.elapsed_s if s.status == "running" else s.wall_time_used_s,
             "within_budget": s.within_budget, "trials": s.trials_started, "reports": s.reports,
-            "interruptions": s.interruptions, "schedule": self.study.budget.schedule}
+            "interruptions": s.interruptions, "trial_errors": s.trial_errors,
+            "schedule": self.study.budget.schedule}
             for s in self.statuses if s.status != "pending"})
 
 
@@ -210,9 +211,11 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             s.status, s.wall_time_used_s = saved["status"], float(saved["wall_time_used_s"])
             s.trials_started, s.reports = int(saved.get("trials", 0)), int(saved.get("reports", 0))
             s.interruptions = int(saved.get("interruptions", 0))
-            if s.status == "running":  # the coordinator died under it (a stop by signal counted already)
+            s.trial_errors = int(saved.get("trial_errors", 0))
+            if s.status in ("running", "ending"):  # the coordinator died under it (a signal counted already)
                 s.interruptions += 1
-                s.status = "interrupted"
+                if s.status == "running":
+                    s.status = "interrupted"
         statuses.append(s)
     extended = budget_s is not None and any(s.status == "done" and s.wall_time_used_s >= 0.98 * s.budget_s
                                              for s in statuses)

@@ -139,11 +139,11 @@ class Tracker:
         if run_id not in self._open and self.client.get_run(run_id).info.status == "RUNNING":
             self._open.append(run_id)
 
-    def last_step(self, run_id: str, key: str) -> int:
-        """The highest step of `key` recorded on the run (0: none)."""
+    def last_step(self, run_id: str, key: str, default: int = 0) -> int:
+        """The highest step of `key` recorded on the run (`default`: none)."""
         self.flush()
         history = self.client.get_metric_history(run_id, key)
-        return max((m.step for m in history), default=0)
+        return max((m.step for m in history), default=default)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.flush()

@@ -113,7 +113,8 @@ def test_study_dir_contents(finished_study):
     # The journal (appended at every report) and the part (rewritten) hold the same reports.
     for arm in ("fixed", "rand"):
         part = pd.read_parquet(study_dir / "results" / f"{arm}__seed0.parquet")
-        journal = pd.read_json(study_dir / "results" / f"{arm}__seed0.jsonl", lines=True)
+        journal = pd.DataFrame([json.loads(line) for line in
+                                (study_dir / "results" / f"{arm}__seed0.jsonl").read_text().splitlines()])
         assert list(zip(journal.trial_id, journal.step)) == list(zip(part.trial_id, part.step))
         assert journal.val_loss.tolist() == pytest.approx(part.val_loss.tolist())
     # Every trial run is in runs.json, under its arm x seed.

@@ -78,13 +78,14 @@ def _running(sd: Path, key: str) -> bool:
     return arms.get(key, {}).get("status") == "running"
 
 
-def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list[dict]]) -> None:
+def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list[dict]], stopped_arm: str = "rand",
+                          restored: bool = True) -> None:
     arms = json.loads((sd / "arms.json").read_text())
     assert sorted(arms) == ["fixed/seed0", "fixed/seed1", "rand/seed0", "rand/seed1"]
     assert {a["status"] for a in arms.values()} == {"done"}, arms
     for a in arms.values():  # equal budgets: the time before the stop counts, the gap does not
         assert within_budget(a["wall_time_used_s"], BUDGET_S), a
-    assert arms["rand/seed0"]["interruptions"] == 1
+    assert arms[f"{stopped_arm}/seed0"]["interruptions"] == 1
 
     results = pd.read_parquet(sd / "results.parquet")
     keys = list(zip(results.arm, results.seed_index, results.trial_id, results.step))
@@ -98,11 +99,12 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
     # trial that was running when the study stopped says so in `restores`.
     for (arm, seed_index, trial_id), g in results.groupby(["arm", "seed_index", "trial_id"]):
         assert sorted(g.step) == list(range(1, len(g) + 1)), (arm, seed_index, trial_id)
-    stopped = results[(results.arm == "rand") & (results.seed_index == 0)]
-    restored = stopped[stopped.restores > 0]
-    assert len(restored), "no trial of the stopped arm went on from a checkpoint"
-    first = restored.sort_values("step").groupby("trial_id").step.first()
-    assert (first > 1).all(), "a restored trial started from zero"
+    stopped = results[(results.arm == stopped_arm) & (results.seed_index == 0)]
+    if restored:
+        went_on = stopped[stopped.restores > 0]
+        assert len(went_on), "no trial of the stopped arm went on from a checkpoint"
+        first = went_on.sort_values("step").groupby("trial_id").step.first()
+        assert (first > 1).all(), "a restored trial started from zero"
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("resumable")
@@ -122,7 +124,7 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
             assert len(steps) == len(set(steps)), (run.info.run_name, key)
     # The trial runs carry every report of the results store.
     by_trial = {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("kind") == "trial"
-                and r.data.tags["arm"] == "rand" and r.data.tags["seed_index"] == "0"}
+                and r.data.tags["arm"] == stopped_arm and r.data.tags["seed_index"] == "0"}
     for trial_id, g in stopped.groupby("trial_id"):
         history = client.get_metric_history(by_trial[trial_id], "val_loss")
         assert sorted(m.step for m in history) == sorted(g.step)
@@ -203,3 +205,40 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "smaller than the study's recorded budget" in r.stderr
     assert math.isclose(yaml.safe_load((broken / "study.yaml").read_text())["budget"]["seconds"], BUDGET_S)
+
+
+def test_resume_after_sigkill_during_an_arms_ensemble(tmp_path):
+    """Killed while the first arm draws its ensemble (its training over): the resume finishes
+    that arm's end records once, without training it again, then the rest of the study."""
+    study = {**STUDY, "arms": [{**STUDY["arms"][0], "num_samples": 2, "ensemble": {"members": 2}}, STUDY["arms"][1]]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = _cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live")
+
+    def ending() -> bool:
+        try:
+            return json.loads((sd / "arms.json").read_text()).get("fixed/seed0", {}).get("status") == "ending"
+        except (OSError, ValueError):
+            return False
+
+    try:
+        _wait_for(ending, 120, run)
+        time.sleep(0.5)
+        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        _kill_group(run)
+    resume = _cli("resume", str(sd), "--no-live")
+    out = _finish(resume)
+    assert resume.returncode == 0, out
+    _check_finished_study(sd, uri, before, stopped_arm="fixed", restored=False)
+    results = pd.read_parquet(sd / "results.parquet")
+    assert results[results.arm == "fixed"].restores.max() == 0  # its training was not redone
+    for k in (0, 1):
+        members = pd.read_parquet(sd / "ensembles" / f"fixed-seed{k}" / "ensemble.parquet")
+        assert len(members) == 2 and members.trial_id.nunique() == 2
+    client = MlflowClient(uri)
+    arm_runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id],
+                                  "tags.kind = 'arm' and tags.arm = 'fixed'")
+    assert len(arm_runs) == 2 and all(r.data.metrics["ensemble.members"] == 2 for r in arm_runs)
