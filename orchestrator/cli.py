@@ -13,6 +13,8 @@ import click
 
 def _bad_input(message: str) -> None:
     click.echo(f"hypersweep: error: {message}", err=True)
+    if "hypersweep.orchestrator.runner" in sys.modules:  # a Ray this command started goes too
+        sys.modules["hypersweep.orchestrator.runner"].shutdown_ray()
     sys.exit(2)
 
 

@@ -201,17 +201,20 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     nothing left to do (every arm x seed had ended); raises StudyError on a directory that is
     not a study or whose study no longer validates."""
     study = load_study_dir(study_dir, budget_s)
+    recorded_budget = load_study_dir(study_dir).budget.seconds
     units = plan(study)
     recorded = study_dir.arms()
     statuses = []
     for u in units:
         s = ArmStatus(u.arm.name, u.seed_index, study.budget.seconds)
-        saved = recorded.get(u.key)
+        saved = recorded.get(u.key)  # (an arm that ended keeps the budget it ran under)
         if saved:
             s.status, s.wall_time_used_s = saved["status"], float(saved["wall_time_used_s"])
             s.trials_started, s.reports = int(saved.get("trials", 0)), int(saved.get("reports", 0))
             s.interruptions = int(saved.get("interruptions", 0))
             s.trial_errors = int(saved.get("trial_errors", 0))
+            if s.ended:
+                s.budget_s = float(saved.get("budget_s", s.budget_s))
             if s.status in ("running", "ending"):  # the coordinator died under it (a signal counted already)
                 s.interruptions += 1
                 if s.status == "running":
@@ -246,6 +249,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
                                    tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
     resumes = tracker.reopen(parent)
+    if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
+        study_dir.write_text(StudyDir.STUDY, study.to_yaml())
+        tracker.set_tags(parent, {"budget_seconds_resumed": study.budget.seconds})  # params cannot change
     runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent})
     records = StudyRecords(study, study_dir, tracker, runs, statuses)
     study_dir.write_runs(records.runs)

@@ -130,7 +130,10 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
         assert sorted(m.step for m in history) == sorted(g.step)
 
 
-@pytest.mark.parametrize("moment_s", [2.5, 5.0, 7.5], ids=["early", "mid-arm", "late-arm"])
+# mid-arm runs by default; the other two moments (90 s each) with the slow tests.
+@pytest.mark.parametrize("moment_s", [pytest.param(2.5, id="early", marks=pytest.mark.slow),
+                                      pytest.param(5.0, id="mid-arm"),
+                                      pytest.param(7.5, id="late-arm", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_inside_a_searched_arm(tmp_path, moment_s):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
     sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
