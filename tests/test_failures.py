@@ -259,9 +259,11 @@ def test_no_trial_starts_once_the_budget_is_spent(tmp_path, ray_session, events)
     runs = {r.data.tags["trial_id"]: r for r in _trial_runs(uri, "late-trials")}
     arms = json.loads((sd / "arms.json").read_text())
     used = arms["rand/seed0"]["wall_time_used_s"]
+    partial = sum(g.sort_values("step").epoch.iloc[0] == 0 for _, g in rows.groupby("trial_id"))
     print(f"\ntrials: {len(created)} created by Tune (folders), {len(starts)} started, {len(reported)} reported, "
-          f"{len(trained)} trained, {len(runs)} MLflow runs, of num_samples 40; first start at arm time "
-          f"{min(starts.values()):.1f} s, last at {max(starts.values()):.1f} s; arm used {used:.1f} s")
+          f"{len(trained)} trained ({partial} less than an epoch), {len(runs)} MLflow runs, of num_samples 40; "
+          f"first start at arm time {min(starts.values()):.1f} s, last at {max(starts.values()):.1f} s; "
+          f"arm used {used:.1f} s")
 
     assert trained, "no trial trained within the budget"
     assert set(runs) == set(trained)  # a run for every trial that trained, none for the others
@@ -271,9 +273,13 @@ def test_no_trial_starts_once_the_budget_is_spent(tmp_path, ray_session, events)
     for trial_id, g in rows.groupby("trial_id"):
         first = g.sort_values("step").iloc[0]
         assert starts[trial_id] < LATE_BUDGET_S  # started while the budget lasted
-        assert first.epoch > 0 and first.epochs_this_step > 0 and math.isfinite(first.train_loss), trial_id
-        # the first report comes at the latest when the budget ends, plus the time to evaluate and report it
-        assert first.arm_time_s <= LATE_BUDGET_S + 1.0, (trial_id, first.arm_time_s)
+        assert math.isfinite(first.train_loss), trial_id  # at least one minibatch trained
+        # a whole epoch, unless the deadline cut the trial's first pass short (then it reports at the deadline)
+        assert first.epoch > 0 or first.arm_time_s >= LATE_BUDGET_S - 0.1, (trial_id, first.arm_time_s)
+        assert first.epochs_this_step == first.epoch
+        # the first report comes at the latest when the budget ends, plus the time to evaluate and
+        # report it (up to 0.1 s seen, on 2 busy cores)
+        assert first.arm_time_s <= LATE_BUDGET_S + 2.0, (trial_id, first.arm_time_s)
         assert g.step.tolist() == list(range(1, len(g) + 1))
     for df in (rows, part):  # nothing untrained recorded (a pass the deadline cut short counts 0 epochs)
         assert not ((df.epochs_this_step == 0) & df.train_loss.isna()).any()
