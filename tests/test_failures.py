@@ -220,8 +220,8 @@ def test_a_killed_worker_without_retries_fails_its_trial_and_the_study_goes_on(t
     error = (sd / "tune" / "killed-seed0" / trial_id / "error.txt").read_text()
     assert error.count("Failure # ") == 1 and "The actor died unexpectedly" in error
     client = MlflowClient(uri)
-    runs = {r.data.tags.get("kind"): r for r in _trial_runs(uri, "no-retry") if r.data.tags["arm"] == "killed"}
-    assert runs["trial"].info.status == "FAILED" and runs["trial"].data.tags["trial_id"] == trial_id
+    trial_runs = [r for r in _trial_runs(uri, "no-retry") if r.data.tags["arm"] == "killed"]
+    assert [(r.info.status, r.data.tags["trial_id"]) for r in trial_runs] == [("FAILED", trial_id)]
     exp = client.get_experiment_by_name("no-retry")
     all_runs = client.search_runs([exp.experiment_id], max_results=1000)
     arm_runs = {r.data.tags["arm"]: r for r in all_runs if r.data.tags.get("kind") == "arm"}
