@@ -150,7 +150,7 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         status.interruptions += 1
         tracker.end_run(run_id, "KILLED")
         return
-    errors = outcome["errors"]
+    errors = outcome["errors"] + (len(recorder.diverged) if outcome["errors"] >= 0 else 0)
     if "error" in outcome:
         log.warning("%s failed: %s", unit.key, outcome["error"])
         tracker.set_tags(run_id, {"error": outcome["error"][:4000]})

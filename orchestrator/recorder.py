@@ -77,6 +77,7 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []
         self.seen: set[tuple[str, int]] = set()  # (trial_id, step) recorded
         self.trial_runs: dict[str, str] = {}
+        self.diverged: set[str] = set()  # trials ended by a non-finite loss (failed, not retried)
         u = ctx.unit
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
         if journal or (ctx.records and ctx.records.trial_runs(u)):
@@ -146,6 +147,10 @@ class Recorder:
     def _result(self, trial_id: str, hp: dict, result: dict, arm_time: float) -> None:
         c, u = self.ctx, self.ctx.unit
         step = int(result["training_iteration"])
+        if result.get("diverged"):  # the trial's last report: no row, the reason on its run
+            self.diverged.add(trial_id)
+            self.tracker.set_tags(self._trial_run(trial_id, hp), {"error": result.get("error", "diverged")})
+            return
         if (trial_id, step) in self.seen or not trained(result):
             return  # replayed by a restored trial, or nothing trained since the last report
         self.seen.add((trial_id, step))

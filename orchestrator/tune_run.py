@@ -156,7 +156,7 @@ class TuneEvents(_Bound, tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.arm.running.discard(trial.trial_id)
-        self._send("end", trial, True)
+        self._send("end", trial, not (trial.last_result or {}).get("diverged"))  # a diverged trial ends failed
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.arm.running.discard(trial.trial_id)

@@ -129,8 +129,11 @@ class MethodTrainable(tune.Trainable):
             losses.append(self.method.train_epoch(deadline) if deadline is not None else self.method.train_epoch())
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         if losses and not math.isfinite(train_loss):
-            # A diverged run would report NaN to the end of its budget: fail the trial instead.
-            raise FloatingPointError(f"training diverged: non-finite training loss at epoch {self.method.epoch}")
+            # A diverged run would report NaN to the end of its budget: end the trial, failed.
+            # Not by raising: Tune retries a raised error up to max_failures, and a retry restores
+            # the last checkpoint only to diverge again at the same epoch.
+            return {"diverged": 1, "done": True, "val_loss": float("nan"), "epoch": self.method.epoch,
+                    "error": f"training diverged: non-finite training loss at epoch {self.method.epoch}"}
         report = {"train_loss": train_loss, "epoch": self.method.epoch,
                   "epochs_this_step": self.method.epoch - epoch_before}
         for split in ("val", "test"):
