@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from hypersweep.orchestrator.budget import within_budget
 
-BUDGET_S = 24
+BUDGET_S = 30
 STUDY = {
     "name": "resumable", "seed": 5, "seeds": 2,
     "dataset": {"name": "digits"}, "model": {"kind": "mlp", "hidden": [32]},
