@@ -93,7 +93,9 @@ class WorkerKiller(threading.Thread):
 
 
 def _journal(sd: Path, arm: str, seed_index: int = 0) -> pd.DataFrame:
-    return pd.read_json(sd / "results" / f"{arm}__seed{seed_index}.jsonl", lines=True)
+    # json, not pd.read_json: that reads a trial id such as "8e070_00000" as a number (inf)
+    lines = (sd / "results" / f"{arm}__seed{seed_index}.jsonl").read_text().splitlines()
+    return pd.DataFrame([json.loads(line) for line in lines])
 
 
 def _trial_runs(uri: str, experiment: str) -> list:
