@@ -354,6 +354,10 @@ class Tracker:
                         "(%d metric values)%s", self.uri, self.final_wait_s, len(self._pending), len(runs), metrics,
                         self.replay_hint)
             self.stats["abandoned"] += len(self._pending)
+            for op in self._pending:
+                if op.kind == "create":  # later writes on it are dropped, not queued behind nothing
+                    self._creating.discard(op.handle)
+                    self._unmade.add(op.handle)
             self._pending.clear()
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
