@@ -653,4 +653,7 @@ def _is_mlflow_error(err: BaseException) -> bool:
 def _close_at_exit(ref: "weakref.ref[Tracker]") -> None:
     tracker = ref()
     if tracker is not None and (tracker._pending or tracker._buffers):
-        tracker.close()
+        try:
+            tracker.close()
+        except Exception:  # at exit: say it, do not mask the exit status
+            log.exception("MLflow at %s: records not written at exit", tracker.uri)
