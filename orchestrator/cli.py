@@ -99,10 +99,11 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     if target.exists():
         _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
     from hypersweep.orchestrator.runner import StudyInterrupted
+    from hypersweep.orchestrator.tracking import TrackingUnavailable
     try:
         statuses = run_study(study, target, tracking_uri=resolve_tracking_uri(tracking_uri, study.tracking.uri),
                              address=address, live=live)
-    except StudyError as e:
+    except (StudyError, TrackingUnavailable) as e:  # MLflow away at the start: nothing written yet
         _bad_input(str(e))
     except StudyInterrupted:
         _interrupted(target)
@@ -146,11 +147,12 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
     """
     from hypersweep.orchestrator.runner import StudyInterrupted, resume_study
     from hypersweep.orchestrator.study import StudyError
+    from hypersweep.orchestrator.tracking import TrackingUnavailable
     target = _study_dir(study_dir, "STUDY_DIR")
     try:
         statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
                                 budget_s=budget_s, live=live)
-    except StudyError as e:
+    except (StudyError, TrackingUnavailable) as e:
         _bad_input(str(e))
     except StudyInterrupted:
         _interrupted(target)

@@ -34,7 +34,7 @@ from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_ma
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
 from hypersweep.orchestrator.study import Study, StudyError, parse_study
 from hypersweep.orchestrator.studydir import StudyDir
-from hypersweep.orchestrator.tracking import Tracker
+from hypersweep.orchestrator.tracking import Tracker, swap_id, without_placeholders
 from hypersweep.orchestrator.tune_run import INTERRUPTED
 
 HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
@@ -111,6 +111,14 @@ class StudyRecords:
         self.runs.setdefault("arms", {})
         self.runs.setdefault("trials", {})
         self._beat = 0.0
+        # runs started while MLflow was away hold placeholders until MLflow makes them
+        tracker.on_run_created(self._run_created)
+        tracker.replay_hint = (f"; every report is in {study_dir} (results/*.jsonl), and `hypersweep resume "
+                               f"{study_dir}` sends the metrics of the arms it continues")
+
+    def _run_created(self, placeholder: str, run_id: str) -> None:
+        if swap_id(self.runs, placeholder, run_id):
+            self.study_dir.write_runs(self.runs)
 
     @property
     def parent_run_id(self) -> str:
@@ -160,10 +168,10 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     problem = check_resources(study)
     if problem:
         raise StudyError(f"study {study.name!r}: {problem}")
+    tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)  # before anything is written
     study_dir.create(study.to_yaml())
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
-    tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)
     parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
                                tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
     records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
@@ -234,7 +242,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             if row:
                 s.best_row, s.best_val_loss = row, row["val_loss"]
 
-    runs = study_dir.runs()
+    runs = without_placeholders(study_dir.runs())  # runs MLflow never made, or made but never said: found by tags
     uri = tracking_uri or runs.get("tracking_uri")
     if not uri:
         from hypersweep.orchestrator.tracking import resolve_tracking_uri
