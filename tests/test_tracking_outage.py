@@ -431,7 +431,9 @@ def test_study_survives_a_server_restart(tmp_path, ray_session, monkeypatch):
         numbers = {"outage_s": round(outage["back"] - outage["killed"], 1),
                    "restart_s": round(outage["startup_s"], 1), "study_s": round(study_s, 1), **s}
         print("\noutage test:", numbers)
-        assert s["outages"] >= 1 and s["queued"] > 0 and s["late_runs"] >= 1, numbers
+        # (whether a run is made late depends on what starts during the outage: not asserted here;
+        # the fast tests cover placeholders)
+        assert s["outages"] >= 1 and s["queued"] > 0, numbers
         assert s["dropped"] == s["abandoned"] == tracker.pending == 0, numbers
         assert s["queued"] == s["replayed"] + s["merged"], numbers
         assert s["queued_metrics"] == s["replayed_metrics"] > 0, numbers
