@@ -14,10 +14,10 @@ from hypersweep.orchestrator.planning import ArmSeed, replay_schedule, trial_con
 from hypersweep.orchestrator.plots import schedule_plot
 from hypersweep.orchestrator.recorder import ArmContext, Recorder
 from hypersweep.orchestrator.study import Study
-from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.studydir import Folder, StudyDir, Unwritable
 from hypersweep.orchestrator.tracking import Tracker
 from hypersweep.orchestrator.trials import Compute, EnsembleError, find_trials, groups, write_trial_records
-from hypersweep.orchestrator.tune_run import QueueSink, tune_arm
+from hypersweep.orchestrator.tune_run import INTERRUPTED, QueueSink, tune_arm
 
 log = logging.getLogger("hypersweep")
 
@@ -99,6 +99,9 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
                 return
 
     while running:
+        if INTERRUPTED.is_set():  # SIGINT/SIGTERM or a full study directory: stop as a crash would
+            _cancel(running)
+            return
         for item in list(running):
             recorder, queue, ref = item
             drain(queue, recorder)
@@ -109,6 +112,31 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
                 finish_arm(recorder, outcome)
                 ray.kill(queue.actor)
                 running.remove(item)
+
+
+def _cancel(running: list) -> None:
+    """End the arms' Tune experiments now (their Ray tasks killed, their trials with them), as
+    a crash of the coordinator would: `resume` restores each from its last saved state."""
+    import ray
+    error = None
+    for recorder, queue, ref in running:
+        ray.cancel(ref, force=True)
+        try:
+            while True:
+                recorder.handle(*queue.get_nowait())
+        except Exception:  # queue empty (or gone with the task)
+            pass
+        try:
+            finish_arm(recorder, None)
+        except Unwritable as err:
+            error = error or err
+        else:
+            recorder.ctx.status.status = "interrupted"
+            recorder.ctx.status.interruptions += 1
+        ray.kill(queue.actor)
+    running.clear()
+    if error is not None:
+        raise error
 
 
 def refuse_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, why: str) -> None:
@@ -140,6 +168,13 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
     unit, run_id, status = ctx.unit, ctx.run_id, ctx.status
     status.wall_time_used_s = outcome["used"] if outcome else status.elapsed_s
     status.elapsed_s = status.wall_time_used_s
+    if recorder.write_error is not None:  # the study directory took no more: stop like an interrupt
+        status.status = "interrupted"
+        status.interruptions += 1
+        for trial_run in recorder.trial_runs.values():
+            tracker.end_if_open(trial_run, "KILLED")
+        tracker.end_run(run_id, "KILLED")
+        raise recorder.write_error
     recorder.write_part()
     for trial_run in recorder.trial_runs.values():  # trials the budget cut short
         tracker.end_if_open(trial_run, "KILLED")
@@ -160,7 +195,7 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         ctx.records.write_arms()
     trials = {name: (Folder(path, study_dir.fs), config) for name, (path, config) in outcome["trials"].items()}
     write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
-                        seed=unit.seed, run_id=run_id, tracking_uri=tracker.uri)
+                        seed=unit.seed, run_id=tracker.resolve(run_id), tracking_uri=tracker.uri)
     recorder.record_arm_end(max(errors, 0))
     if recorder.rows and any(k.startswith("hp/") for k in status.best_row):
         best = [r for r in recorder.rows if r["trial_id"] == status.best_row["trial_id"]]
@@ -168,7 +203,7 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         with study_dir.writing(name) as local:
             schedule_plot(best, local, title=f"{unit.arm.name} seed {unit.seed_index} ({unit.arm.method})")
             tracker.log_artifact(run_id, local, "plots")
-    if unit.arm.ensemble and not failed:
+    if unit.arm.ensemble and not failed and not recorder.end_sent["ensemble"]:  # (else recorded before a crash)
         arm_ensemble(ctx, tracker, study_dir)
     status.status = "failed" if failed else "done"
     tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
@@ -177,8 +212,6 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
 def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None:
     """The arm's `ensemble:` request, after its budget (the time is recorded, not charged)."""
     unit, e, b = ctx.unit, ctx.unit.arm.ensemble, ctx.study.budget
-    if max(tracker.last_step(ctx.run_id, key, default=-1) for key in ("ensemble.members", "ensemble_time_s")) >= 0:
-        return  # recorded before the coordinator died
     t = time.monotonic()
     try:
         trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]

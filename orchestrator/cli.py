@@ -99,6 +99,7 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     if target.exists():
         _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
     from hypersweep.orchestrator.runner import StudyInterrupted
+    from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
     try:
         statuses = run_study(study, target, tracking_uri=resolve_tracking_uri(tracking_uri, study.tracking.uri),
@@ -107,6 +108,10 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
         _bad_input(str(e))
     except StudyInterrupted:
         _interrupted(target)
+    except Unwritable as e:
+        if not target.is_study():  # it could not even be made
+            _bad_input(f"--study-dir {target}: {e.strerror}")
+        _unwritable(target, e)
     _end_of_study(statuses)
 
 
@@ -114,6 +119,14 @@ def _interrupted(study_dir) -> None:
     _shutdown_ray()
     click.echo(f"hypersweep: stopped; the records are consistent. Continue with: hypersweep resume {study_dir}", err=True)
     sys.exit(130)
+
+
+def _unwritable(study_dir, err: OSError) -> None:
+    _shutdown_ray()
+    click.echo(f"hypersweep: error: the study directory stopped taking writes ({err.strerror}); the study stopped "
+               f"with its records as they were. Make room or make it writable, then: hypersweep resume {study_dir}",
+               err=True)
+    sys.exit(1)
 
 
 def _end_of_study(statuses) -> None:
@@ -147,6 +160,7 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
     """
     from hypersweep.orchestrator.runner import StudyInterrupted, resume_study
     from hypersweep.orchestrator.study import StudyError
+    from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
     target = _study_dir(study_dir, "STUDY_DIR")
     try:
@@ -156,6 +170,8 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
         _bad_input(str(e))
     except StudyInterrupted:
         _interrupted(target)
+    except Unwritable as e:
+        _unwritable(target, e)
     if statuses is None:
         click.echo(f"{target}: the study has finished; nothing to resume")
         return

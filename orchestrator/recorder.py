@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from hypersweep.orchestrator.planning import ArmSeed
 from hypersweep.orchestrator.progress import ArmStatus
 from hypersweep.orchestrator.study import Study
-from hypersweep.orchestrator.studydir import StudyDir
+from hypersweep.orchestrator.studydir import StudyDir, Unwritable
 from hypersweep.orchestrator.tracking import Tracker, flatten
+from hypersweep.orchestrator.tune_run import request_stop
 
 # Keys of a Tune result that are bookkeeping, not the method's metrics.
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
@@ -78,9 +79,15 @@ class Recorder:
         self.seen: set[tuple[str, int]] = set()  # (trial_id, step) recorded
         self.trial_runs: dict[str, str] = {}
         self.diverged: set[str] = set()  # trials ended by a non-finite loss (failed, not retried)
+        # What of the arm run's end records MLflow has (a resumed arm's earlier execution may
+        # have sent some): read when a resumed arm starts, so that its end needs no read (MLflow
+        # may be away then; the end records queue like every other write).
+        self.end_sent = {"val_loss": 0, "summary": False, "ensemble": False}
+        self.write_error: Unwritable | None = None  # the study directory refused a write: the study stops
         u = ctx.unit
+        study_dir.mend_journal(u.arm.name, u.seed_index)
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
-        if journal or (ctx.records and ctx.records.trial_runs(u)):
+        if journal or (ctx.records and ctx.records.trial_runs(u)) or ctx.status.status in ("interrupted", "ending"):
             self._resume(journal)
 
     def _resume(self, journal: list[dict[str, Any]]) -> None:
@@ -115,6 +122,11 @@ class Recorder:
             if k > sent:
                 tracker.log_metrics(c.run_id, {"best_val_loss": best, "wall_time_s": row["arm_time_s"]}, k)
         tracker.flush()
+        self.end_sent = {  # (this execution logs none of these before the arm's end)
+            "val_loss": tracker.last_step(c.run_id, "val_loss"),
+            "summary": tracker.last_step(c.run_id, "trial_errors", default=-1) >= 0,
+            "ensemble": max(tracker.last_step(c.run_id, key, default=-1)
+                            for key in ("ensemble.members", "ensemble_time_s")) >= 0}
 
     def _trial_run(self, trial_id: str, hp: dict) -> str:
         if trial_id not in self.trial_runs:
@@ -129,15 +141,21 @@ class Recorder:
         return self.trial_runs[trial_id]
 
     def handle(self, kind: str, trial_id: str | None, hp: dict | None, payload: Any, arm_time: float) -> None:
+        if self.write_error is not None:  # stopping: nothing more is recorded (the journal leads)
+            return
         self.ctx.status.elapsed_s = arm_time
-        if kind == "result":
-            self._result(trial_id, hp, payload, arm_time)
-        elif kind == "end":
-            self.ctx.status.trials_done += 1
-            if trial_id in self.trial_runs:  # a trial that never trained has no run
-                self.tracker.end_run(self.trial_runs[trial_id], "FINISHED" if payload else "FAILED")
-        if self.ctx.records is not None:
-            self.ctx.records.heartbeat()
+        try:
+            if kind == "result":
+                self._result(trial_id, hp, payload, arm_time)
+            elif kind == "end":
+                self.ctx.status.trials_done += 1
+                if trial_id in self.trial_runs:  # a trial that never trained has no run
+                    self.tracker.end_run(self.trial_runs[trial_id], "FINISHED" if payload else "FAILED")
+            if self.ctx.records is not None:
+                self.ctx.records.heartbeat()
+        except Unwritable as err:  # raised inside Tune's loop: stop the experiment, raise after it
+            self.write_error = err
+            request_stop()
 
     def write_part(self) -> None:
         u = self.ctx.unit
@@ -180,8 +198,7 @@ class Recorder:
         summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
                    "trial_errors": errors, "reports": status.reports}
         # A resumed arm may have written part of this before the coordinator died: once each.
-        sent = self.tracker.last_step(run_id, "val_loss")
-        summarised = self.tracker.last_step(run_id, "trial_errors", default=-1) >= 0
+        sent, summarised = self.end_sent["val_loss"], self.end_sent["summary"]
         if rows:
             best = status.best_row
             # The arm run carries the history of its best trial: one val_loss curve per arm x seed.

@@ -33,11 +33,12 @@ from hypersweep.orchestrator.planning import ArmSeed, plan
 from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
 from hypersweep.orchestrator.study import Study, StudyError, parse_study
-from hypersweep.orchestrator.studydir import StudyDir
-from hypersweep.orchestrator.tracking import Tracker, swap_id, without_placeholders
-from hypersweep.orchestrator.tune_run import INTERRUPTED
+from hypersweep.orchestrator.studydir import StudyDir, Unwritable
+from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, swap_id, without_placeholders
+from hypersweep.orchestrator.tune_run import INTERRUPTED, request_stop
 
 HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
+OUTBOX_EVERY_S = 10.0  # how often, while MLflow is away, its queue is copied to the study directory
 
 log = logging.getLogger("hypersweep")
 
@@ -106,15 +107,37 @@ class StudyRecords:
     `HEARTBEAT_S` while an arm runs, with its wall time so far)."""
 
     def __init__(self, study: Study, study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any],
-                 statuses: list[ArmStatus]):
+                 statuses: list[ArmStatus], resumed: bool = False):
         self.study, self.study_dir, self.tracker, self.runs, self.statuses = study, study_dir, tracker, runs, statuses
+        self.resumed = resumed  # an earlier execution may have made runs that runs.json does not name
         self.runs.setdefault("arms", {})
         self.runs.setdefault("trials", {})
         self._beat = 0.0
         # runs started while MLflow was away hold placeholders until MLflow makes them
         tracker.on_run_created(self._run_created)
-        tracker.replay_hint = (f"; every report is in {study_dir} (results/*.jsonl), and `hypersweep resume "
-                               f"{study_dir}` sends the metrics of the arms it continues")
+        tracker.replay_hint = (f"; they are kept in {study_dir}/{StudyDir.OUTBOX}, and `hypersweep resume "
+                               f"{study_dir}` sends them once MLflow is back")
+        # While MLflow is away its queue is copied into the study directory (every
+        # OUTBOX_EVERY_S, at each arm's end, and when the tracker gives up at the study's end),
+        # so that a coordinator that dies meanwhile loses none of it: `resume` sends the copy.
+        self._outbox = "kept" if study_dir.outbox() else "none"  # none | snapshot | kept
+        self._outbox_at = 0.0
+        tracker.on_abandon(self._abandoned)
+
+    def _abandoned(self, records: list[dict[str, Any]]) -> None:
+        self.study_dir.write_outbox(records)
+        self._outbox = "kept"
+
+    def sync_outbox(self, force: bool = False) -> None:
+        """Copy MLflow's queue into the study directory (at most every OUTBOX_EVERY_S unless
+        `force`), or remove the copy once the queue is empty."""
+        if self.tracker.pending:
+            if force or time.monotonic() - self._outbox_at >= OUTBOX_EVERY_S:
+                self.study_dir.write_outbox(self.tracker.unsent())
+                self._outbox, self._outbox_at = "snapshot", time.monotonic()
+        elif self._outbox == "snapshot":
+            self.study_dir.write_outbox([])
+            self._outbox = "none"
 
     def _run_created(self, placeholder: str, run_id: str) -> None:
         if swap_id(self.runs, placeholder, run_id):
@@ -148,6 +171,7 @@ class StudyRecords:
             "interruptions": s.interruptions, "trial_errors": s.trial_errors,
             "schedule": self.study.budget.schedule}
             for s in self.statuses if s.status != "pending"})
+        self.sync_outbox()
 
 
 def _console(console):
@@ -230,7 +254,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         statuses.append(s)
     extended = budget_s is not None and any(s.status == "done" and s.wall_time_used_s >= 0.98 * s.budget_s
                                              for s in statuses)
-    if all(s.ended for s in statuses) and not extended:
+    finished = all(s.ended for s in statuses) and not extended
+    outbox = study_dir.outbox()
+    if finished and not outbox:
         return None
     if extended:
         raise StudyError(f"--budget-s {budget_s:g}: extending arms that already ended is not supported yet; "
@@ -242,16 +268,22 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             if row:
                 s.best_row, s.best_val_loss = row, row["val_loss"]
 
-    runs = without_placeholders(study_dir.runs())  # runs MLflow never made, or made but never said: found by tags
+    runs = study_dir.runs()
     uri = tracking_uri or runs.get("tracking_uri")
     if not uri:
         from hypersweep.orchestrator.tracking import resolve_tracking_uri
         uri = resolve_tracking_uri(None, study.tracking.uri)
+    tracker = Tracker(uri, study.tracking.experiment or study.name)
+    if outbox:
+        sent = send_outbox(study_dir, tracker, runs, outbox)
+        _console(console).print(f"sent {sent} MLflow records the study had left unsent to {uri}")
+    if finished:
+        return None
+    runs = without_placeholders(runs)  # runs MLflow never made, or made but never said: found by tags
     init_ray(address)
     problem = check_resources(study)
     if problem:
         raise StudyError(f"study {study.name!r}: {problem}")
-    tracker = Tracker(uri, study.tracking.experiment or study.name)
     parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
     if parent is None:  # died before its parent run was recorded
         parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
@@ -261,17 +293,38 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())
         tracker.set_tags(parent, {"budget_seconds_resumed": study.budget.seconds})  # params cannot change
     runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent})
-    records = StudyRecords(study, study_dir, tracker, runs, statuses)
+    records = StudyRecords(study, study_dir, tracker, runs, statuses, resumed=True)
     study_dir.write_runs(records.runs)
     log.info("resuming %s (resume %d)", study_dir, resumes)
     return _execute(records, units, data_root, clock, _console(console), live)
 
 
+def send_outbox(study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any], records: list[dict[str, Any]]) -> int:
+    """Send the MLflow records an earlier execution kept in the study directory; runs.json
+    learns the ids of the runs they make. Returns how many were sent; raises
+    TrackingUnavailable, keeping the rest, when MLflow does not take them all."""
+    def made(placeholder: str, run_id: str) -> None:
+        if swap_id(runs, placeholder, run_id):
+            study_dir.write_runs(runs)
+
+    tracker.on_run_created(made)
+    with study_dir.outbox_files(records) as local:
+        left = tracker.send_unsent(local)
+        study_dir.write_outbox(left)
+    if left:
+        raise TrackingUnavailable(f"MLflow at {tracker.uri} did not take the records the study had left unsent: "
+                                  f"{len(left)} of {len(records)} still wait in {study_dir}/{StudyDir.OUTBOX}; "
+                                  "run resume again once it answers")
+    return len(records)
+
+
 def _arm_context(records: StudyRecords, unit: ArmSeed, status: ArmStatus) -> ArmContext:
     """The arm x seed's MLflow run: the one it had (a resumed arm), else a new one."""
     study, tracker = records.study, records.tracker
-    run_id = records.runs["arms"].get(unit.key) or tracker.find_run(
-        kind="arm", study_id=records.study_dir.study_id, arm=unit.arm.name, seed_index=str(unit.seed_index))
+    run_id = records.runs["arms"].get(unit.key)
+    if run_id is None and records.resumed:  # made by the dead coordinator just before it died?
+        run_id = tracker.find_run(kind="arm", study_id=records.study_dir.study_id, arm=unit.arm.name,
+                                  seed_index=str(unit.seed_index))
     if run_id:
         tracker.reopen(run_id)
     else:
@@ -310,6 +363,7 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
                     run_arm(contexts[0], tracker, study_dir, clock, data_root)
                 study_dir.consolidate()
                 records.write_arms()
+                records.sync_outbox(force=True)
                 if INTERRUPTED.is_set():
                     raise StudyInterrupted()
         study_dir.consolidate()
@@ -325,6 +379,16 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
         records.write_arms()
         tracker.end_all("KILLED")
         raise StudyInterrupted() from None
+    except Unwritable:  # disk full, read-only...: stop; what is on disk stays as it was written
+        for s in statuses:
+            if s.status == "running":
+                s.status = "interrupted"
+        try:
+            records.write_arms()
+        except Unwritable:  # arms.json keeps its last heartbeat: `resume` takes that arm as interrupted
+            pass
+        tracker.end_all("KILLED")
+        raise
     except BaseException:
         tracker.end_all("FAILED")
         raise
@@ -350,10 +414,7 @@ class _stop_on_signals:
         return self
 
     def _handle(self, signum, frame):
-        INTERRUPTED.set()
-        tune_handler = signal.getsignal(signal.SIGUSR1)  # set by tune.run inside Tuner.fit
-        if callable(tune_handler):
-            tune_handler(signal.SIGUSR1, frame)
+        request_stop()
 
     def __exit__(self, *exc):
         for sig, handler in self.saved.items():

@@ -19,10 +19,14 @@ the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
     ensembles/<arm>-seed<k>/       ensemble tables, distilled weights (see ensembles.py)
     report.md, anytime.png         from `compare`; ensembles.md from `ensembles-report`
     tune/<arm>-seed<k>/<trial>/    Ray Tune's experiment folders, checkpoints, trial.json
+    mlflow-outbox/                 MLflow records the store did not take (only while it was
+                                   away): records.json and copies of their artifacts, sent by
+                                   `resume`
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -48,6 +52,16 @@ def _open(location: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tu
         fs, path = pafs.FileSystem.from_uri(text)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+class Unwritable(OSError):
+    """A write to the study directory failed (disk full, quota, read-only, no permission): the
+    study stops, with what it had written before intact (every write is atomic)."""
+
+
+def _unwritable(full: str, err: OSError) -> Unwritable:
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    return Unwritable(err.errno, f"cannot write {full}: {reason}")
 
 
 def _plain(value: Any) -> Any:
@@ -111,7 +125,10 @@ class Folder:
                       and not i.base_name.endswith(".tmp"))
 
     def makedirs(self, rel: str = "") -> None:
-        self.fs.create_dir(self._full(rel), recursive=True)
+        try:
+            self.fs.create_dir(self._full(rel), recursive=True)
+        except OSError as err:
+            raise _unwritable(self._full(rel), err) from err
 
     # -- reading ---------------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -134,11 +151,16 @@ class Folder:
         """Write to a temporary name beside the target, then move it into place: readers see
         the old file or the new one, never a half-written one."""
         full = self._full(rel)
-        self.fs.create_dir(posixpath.dirname(full), recursive=True)
         tmp = f"{full}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, full)
+        try:
+            self.fs.create_dir(posixpath.dirname(full), recursive=True)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, full)
+        except OSError as err:  # (pyarrow's errors are OSErrors, with the errno of a local one)
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise _unwritable(full, err) from err
         return full
 
     def write_text(self, rel: str, text: str) -> str:
@@ -175,8 +197,21 @@ class Folder:
             yield local
 
     def delete(self, rel: str) -> None:
-        if self.is_file(rel):
+        """A file or a folder (with what is in it), if there."""
+        kind = self._info(rel).type
+        if kind == pafs.FileType.File:
             self.fs.delete_file(self._full(rel))
+        elif kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self._full(rel))
+
+    def put(self, rel: str, local: Path) -> None:
+        """Copy a local file or folder to `rel`, file by file (each write atomic)."""
+        if local.is_dir():
+            for item in sorted(local.rglob("*")):
+                if item.is_file():
+                    self.write_bytes(posixpath.join(rel, item.relative_to(local).as_posix()), item.read_bytes())
+        else:
+            self.write_bytes(rel, local.read_bytes())
 
 
 class StudyDir(Folder):
@@ -194,6 +229,7 @@ class StudyDir(Folder):
     REPORT = "report.md"
     ANYTIME = "anytime.png"
     ENSEMBLES_REPORT = "ensembles.md"
+    OUTBOX = "mlflow-outbox"
 
     @property
     def study_id(self) -> str:
@@ -230,6 +266,40 @@ class StudyDir(Folder):
     def write_arms(self, arms: dict[str, Any]) -> None:
         self.write_json(self.ARMS, arms)
 
+    # -- MLflow records the store did not take -----------------------------------------------
+    def write_outbox(self, records: list[dict[str, Any]]) -> None:
+        """Keep `records` (tracking.Tracker.unsent(), in order) in place of what was kept
+        before, with a copy of each artifact they name; no records: nothing kept."""
+        if not records:
+            self.delete(self.OUTBOX)
+            return
+        kept, files = [], set()
+        for record in records:
+            if record["kind"] == "artifact":
+                local = Path(record["args"]["path"])
+                # the same queued artifact keeps its local copy across snapshots: copied once
+                name = f"files/{hashlib.sha1(str(local).encode()).hexdigest()[:16]}/{local.name}"
+                if not self.exists(f"{self.OUTBOX}/{name}"):
+                    self.put(f"{self.OUTBOX}/{name}", local)
+                files.add(name.split("/")[1])
+                record = {**record, "args": {**record["args"], "path": name}}
+            kept.append(record)
+        self.write_text(f"{self.OUTBOX}/records.json", json.dumps(kept, default=_plain))
+        for stale in set(self.list(f"{self.OUTBOX}/files", dirs=True)) - files:
+            self.delete(f"{self.OUTBOX}/files/{stale}")
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """The kept records, an artifact's `path` relative to the outbox (see `outbox_files`)."""
+        return json.loads(self.read_text(f"{self.OUTBOX}/records.json")) if self.is_file(
+            f"{self.OUTBOX}/records.json") else []
+
+    @contextlib.contextmanager
+    def outbox_files(self, records: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """The records with local paths for their artifacts, valid inside the block."""
+        with self.reading(self.OUTBOX) as local:
+            yield [{**r, "args": {**r["args"], "path": str(local / r["args"]["path"])}} if r["kind"] == "artifact"
+                   else r for r in records]
+
     # -- results: one part per arm x seed, consolidated into results.parquet -----------------
     @staticmethod
     def part_name(arm: str, seed_index: int) -> str:
@@ -262,9 +332,25 @@ class StudyDir(Folder):
         try:
             with self.fs.open_append_stream(full) as f:
                 f.write(data)
-        except (NotImplementedError, OSError):  # pyarrow raises ArrowNotImplementedError (a NotImplementedError)
-            old = self.read_bytes(name) if self.is_file(name) else b""
-            self.write_bytes(name, old + data)
+        except OSError as err:
+            if err.errno:  # a local disk: full, read-only...; a line it cut is dropped when read
+                raise _unwritable(full, err) from err
+            self._rewrite_journal(name, data)  # an object store that has no appends
+        except NotImplementedError:  # (pyarrow's ArrowNotImplementedError)
+            self._rewrite_journal(name, data)
+
+    def _rewrite_journal(self, name: str, data: bytes) -> None:
+        old = self.read_bytes(name) if self.is_file(name) else b""
+        self.write_bytes(name, old + data)
+
+    def mend_journal(self, arm: str, seed_index: int) -> None:
+        """Drop a last line cut by a crash or a full disk, before the journal is appended to
+        again (the next report would otherwise join it, and both be lost)."""
+        name = self.journal_name(arm, seed_index)
+        if self.is_file(name):
+            data = self.read_bytes(name)
+            if data and not data.endswith(b"\n"):
+                self.write_bytes(name, data[:data.rfind(b"\n") + 1])
 
     def read_journal(self, arm: str, seed_index: int) -> list[dict[str, Any]]:
         """The journal's reports in arrival order, a report replayed after a restore (same
@@ -308,8 +394,17 @@ class StudyDir(Folder):
         """Ray Tune's (storage_path, storage_filesystem) for this study's experiments."""
         return (self._full(self.TUNE), None) if self.is_local else (self._full(self.TUNE), self.fs)
 
-    def tune_experiment(self, arm: str, seed_index: int) -> str:
-        return f"{arm}-seed{seed_index}"
+    def tune_experiment(self, arm: str, seed_index: int, attempt: int = 1) -> str:
+        """The folder of an arm x seed's Tune experiment under tune/. A later attempt is a fresh
+        experiment, started when the saved state of the one before could not be restored."""
+        return f"{arm}-seed{seed_index}" if attempt == 1 else f"{arm}-seed{seed_index}.attempt{attempt}"
+
+    def tune_attempts(self, arm: str, seed_index: int) -> int:
+        """The latest attempt of the arm x seed's Tune experiment (1 when there is none yet)."""
+        attempt = 1
+        while self.is_dir(f"{self.TUNE}/{self.tune_experiment(arm, seed_index, attempt + 1)}"):
+            attempt += 1
+        return attempt
 
     def trial_folders(self) -> list[Folder]:
         """Every trial folder under tune/ (tune/<experiment>/<trial>/)."""

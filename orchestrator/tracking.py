@@ -21,8 +21,10 @@ file) does not stop the study. Every write is one operation on one ordered queue
    a placeholder an earlier tracker left unresolved names no run (`without_placeholders`):
    the run, if MLflow made it after all, is found by its tags;
 4. `end_all`, and `end_run` of the last open run (the end of a study), wait up to
-   `final_wait_s` for the queue; what is still unsent then is named in one warning line, and
-   the study directory keeps every report (journals, runs.json).
+   `final_wait_s` for the queue; what is still unsent then is named in one warning line and
+   handed to the callbacks registered with `on_abandon` as JSON-able records (`unsent()`),
+   which the caller keeps (the study directory's outbox) and a later tracker sends with
+   `send_unsent`: `hypersweep resume` does, once the store is back.
 A write MLflow refuses (a param changing its value, an invalid value, a deleted run) is not
 retried: the answer would be the same every time, and every later record would wait behind
 it. It is logged as a warning and dropped; the study directory still has the record.
@@ -232,6 +234,7 @@ class Tracker:
         self._unmade: set[str] = set()
         self._unmade_warned: set[str] = set()
         self._callbacks: list[Callable[[str, str], None]] = []
+        self._abandon_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._next_try = 0.0  # no new attempt on the queue before (clock)
         self._gap = 1.0  # between attempts while the store is away: 1, 2, 4, 8 s
         self._down_since: float | None = None
@@ -354,6 +357,12 @@ class Tracker:
                         "(%d metric values)%s", self.uri, self.final_wait_s, len(self._pending), len(runs), metrics,
                         self.replay_hint)
             self.stats["abandoned"] += len(self._pending)
+            records = self.unsent() if self._abandon_callbacks else []
+            for callback in self._abandon_callbacks:
+                try:
+                    callback(records)
+                except Exception:  # keeping them failed: the warning above stands
+                    log.exception("keeping the unsent MLflow records failed")
             for op in self._pending:
                 if op.kind == "create":  # later writes on it are dropped, not queued behind nothing
                     self._creating.discard(op.handle)
@@ -362,6 +371,41 @@ class Tracker:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+
+    # -- records the store never got: kept by the caller, sent by a later tracker ------------
+    def on_abandon(self, callback: Callable[[list[dict[str, Any]]], None]) -> None:
+        """`callback(records)` when `close` gives up on what waits: `unsent()` at that moment.
+        It must not call this tracker."""
+        self._abandon_callbacks.append(callback)
+
+    def unsent(self) -> list[dict[str, Any]]:
+        """What waits for the store, in order (buffered metrics last), as JSON-able records
+        that `send_unsent` of a later tracker takes. An artifact's `path` is a local copy that
+        lives until this tracker sends or drops it: a caller that keeps the records copies it."""
+        ops = list(self._pending) + [_Op("batch", run_id, {"metrics": metrics})
+                                     for run_id, metrics in self._buffers.items() if metrics]
+        return [_record_of(op) for op in ops]
+
+    def send_unsent(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send an earlier tracker's `unsent()` records after whatever waits here, retried for
+        `read_wait_s`. Returns what still waits then (nothing when the store took it all), which
+        this tracker forgets: the caller keeps it for a later try. Sending a record twice is
+        harmless (see the module), so a caller keeps them until this returns."""
+        for record in records:
+            op = _op_of(record)
+            if op.kind == "create":
+                self._creating.add(op.handle)
+            self._mark_queued(op)
+            self._pending.append(op)
+        if self._drain(self.read_wait_s):
+            return []
+        left = self.unsent()
+        for op in self._pending:
+            if op.kind == "create":
+                self._creating.discard(op.handle)
+        self._pending.clear()
+        self._buffers.clear()
+        return left
 
     # -- continuing the runs of a resumed study ----------------------------------------------
     def find_run(self, **tags: str) -> str | None:
@@ -640,6 +684,25 @@ class Tracker:
             self._down_since = None
         self._gap = 1.0
         self._next_try = 0.0
+
+
+def _record_of(op: _Op) -> dict[str, Any]:
+    args = dict(op.args)
+    for k in ("metrics", "params", "tags") if op.kind == "batch" else ():
+        if k in args:
+            args[k] = [[m.key, m.value, m.timestamp, m.step] if k == "metrics" else [m.key, m.value] for m in args[k]]
+    return {"kind": op.kind, "handle": op.handle, "args": args}
+
+
+def _op_of(record: dict[str, Any]) -> _Op:
+    """An operation of an earlier tracker: a create is looked up by its key before it is
+    made again (that tracker may have made it); the rest is written again as it was."""
+    from mlflow.entities import Metric, Param, RunTag
+    args = dict(record["args"])
+    for k, entity in (("metrics", Metric), ("params", Param), ("tags", RunTag)) if record["kind"] == "batch" else ():
+        if k in args:
+            args[k] = [entity(*item) for item in args[k]]
+    return _Op(record["kind"], record["handle"], args, tried=record["kind"] == "create")
 
 
 def _is_mlflow_error(err: BaseException) -> bool:

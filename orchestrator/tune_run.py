@@ -16,7 +16,10 @@ so an experiment restored by a new coordinator uses the new coordinator's budget
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,10 +31,22 @@ from ray.tune.search import SearchAlgorithm
 from hypersweep.orchestrator.budget import Budget, Clock, tolerance
 from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher
 from hypersweep.orchestrator.study import Study
-from hypersweep.orchestrator.studydir import StudyDir
+from hypersweep.orchestrator.studydir import Folder, StudyDir
 
 # Set by a SIGINT/SIGTERM in this process (orchestrator/runner.py): no new trial starts.
 INTERRUPTED = threading.Event()
+
+log = logging.getLogger("hypersweep")
+
+
+def request_stop() -> None:
+    """Stop the study (SIGINT, SIGTERM, an unwritable study directory): no new trial starts,
+    and a running Tune experiment ends its loop and saves its state (Tune's own interrupt,
+    reached through the SIGUSR1 handler `Tuner.fit` installs)."""
+    INTERRUPTED.set()
+    tune_handler = signal.getsignal(signal.SIGUSR1)
+    if callable(tune_handler):
+        tune_handler(signal.SIGUSR1, None)
 
 
 @dataclass
@@ -46,7 +61,7 @@ class LiveArm:
 _LIVE: dict[str, LiveArm] = {}
 
 
-def arm_key(study_dir: StudyDir, unit: ArmSeed) -> str:
+def arm_key(unit: ArmSeed) -> str:
     return unit.key  # one study per coordinator; the directory may be renamed between a crash and a resume
 
 
@@ -193,22 +208,32 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
     from hypersweep.workers.deadlines import deadline_board
 
     budget = Budget(study.budget.seconds, clock, used_s=used_s).start()
-    key = arm_key(study_dir, unit)
+    key = arm_key(unit)
     _LIVE[key] = LiveArm(budget, sink, workers)
     deadline = budget.deadline()
     # Trials read the deadline from the board at every step; a restored trial's config holds an old one.
     deadline_board().post.remote(key, float(deadline))
     # Tune creates trials ahead of free slots (up to 200 for its variant generator): those that
     # start after the deadline train nothing. One per slot keeps the slots' actors starting together.
+    # (Tune reads it when the experiment starts; the value is this arm's, put back afterwards.)
+    pending_before = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(workers)
     b = study.budget
     trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
     storage_path, storage_fs = study_dir.tune_storage()
-    name = study_dir.tune_experiment(unit.arm.name, unit.seed_index)
+    attempt = study_dir.tune_attempts(unit.arm.name, unit.seed_index)
+    name = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt)
     try:
         experiment = f"{storage_path}/{name}"
-        if restore and Tuner.can_restore(experiment, storage_filesystem=storage_fs):
-            tuner = Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+        restore = restore and Tuner.can_restore(experiment, storage_filesystem=storage_fs)
+        broken = restore and unreadable_state(Folder(experiment, storage_fs))
+        if broken:  # e.g. written while the disk was full: Tune would go on with trials that have no config
+            log.warning("%s: its Tune experiment cannot be restored (%s); a fresh one runs the rest of the arm's "
+                        "budget (its trials start over; what the earlier ones reported is kept)", unit.key, broken)
+            name = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt + 1)
+            restore = False
+        if restore:
+            tuner = Tuner.restore(f"{storage_path}/{name}", trainable, resume_unfinished=True, resume_errored=False,
                                   storage_filesystem=storage_fs)
         else:
             max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
@@ -238,6 +263,32 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                 "error": f"{type(e).__name__}: {e}"}
     finally:
         _LIVE.pop(key, None)
+        if pending_before is None:
+            os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
+        else:
+            os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = pending_before
+
+
+def unreadable_state(experiment: Folder) -> str | None:
+    """What of a Tune experiment's saved state cannot be read (a file cut by a crash or a
+    full disk), or None. Tune reads its newest experiment_state-*.json, the searcher's newest
+    state and tuner.pkl."""
+    import pickle
+    files = experiment.list()
+    newest = [max((f for f in files if f.startswith(prefix) and f.endswith(suffix)), default=None)
+              for prefix, suffix in (("experiment_state", ".json"), ("search_gen_state", ".json"),
+                                     ("basic-variant-state", ".json"))]
+    for name in filter(None, newest):
+        try:
+            json.loads(experiment.read_text(name))
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{name}: {type(e).__name__}"
+    if "tuner.pkl" in files:
+        try:
+            pickle.loads(experiment.read_bytes("tuner.pkl"))
+        except Exception as e:  # a cut pickle raises EOFError, UnpicklingError, ...
+            return f"tuner.pkl: {type(e).__name__}"
+    return None
 
 
 def _trial_dirname(trial) -> str:

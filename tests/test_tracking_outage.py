@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 
 from hypersweep.orchestrator import runner
 from hypersweep.orchestrator.budget import FakeClock
+from hypersweep.orchestrator.studydir import StudyDir
 from hypersweep.orchestrator.tracking import (PLACEHOLDER, RUN_KEY_TAG, Tracker, TrackingUnavailable, is_placeholder,
                                               swap_id, transient, without_placeholders)
 
@@ -269,6 +271,115 @@ def test_a_placeholder_from_an_earlier_tracker():
     assert swap_id(runs, never, "r9") and runs["arms"]["a/seed0"] == "r9"
 
 
+def _study_dir(tmp_path) -> StudyDir:
+    sd = StudyDir(tmp_path / "sd")
+    sd.create("name: outbox\n")
+    return sd
+
+
+def test_what_the_end_gives_up_on_is_kept_and_a_later_tracker_sends_it_once(tmp_path, caplog):
+    """The store never came back before the study ended: the records go to the study
+    directory's outbox, and `resume` (send_outbox) sends them once the store answers, making
+    the runs the first coordinator could not and naming them in runs.json."""
+    store, clock = FakeStore(), FakeClock(100.0)
+    sd = _study_dir(tmp_path)
+    first = _tracker(store, clock, final_wait_s=5.0)
+    first.on_abandon(sd.write_outbox)
+    parent = first.start_run("study", tags={"kind": "study"})
+    store.down = True
+    arm = first.start_run("arm", parent_id=parent, tags={"kind": "arm"}, params={"lr": 0.1})
+    runs = {"parent_run_id": parent, "arms": {"arm/seed0": arm}}
+    for step in (1, 2, 3):
+        first.log_metrics(arm, {"val_loss": 1.0 / step, "nan": float("nan")}, step)
+    first.set_tags(parent, {"note": "x"})
+    summary = tmp_path / "summary.md"
+    summary.write_text("the summary")
+    first.log_artifact(parent, summary)
+    summary.unlink()
+    with caplog.at_level(logging.WARNING, logger="hypersweep"):
+        first.end_all("KILLED")
+    assert first.stats["abandoned"] > 0 and store.runs.keys() == {"r0"}
+    kept = sd.outbox()
+    assert [r["kind"] for r in kept] == ["create", "batch", "batch", "batch", "artifact", "terminate", "terminate"]
+    assert json.loads(json.dumps(kept)) == kept  # JSON, nothing else
+
+    stale = tmp_path / "stale"
+    shutil.copytree(tmp_path / "sd" / StudyDir.OUTBOX, stale)
+    store.down = False
+    second = _tracker(store, clock)
+    assert runner.send_outbox(sd, second, runs, kept) == len(kept)
+    assert not sd.exists(StudyDir.OUTBOX)
+    arm_id = runs["arms"]["arm/seed0"]
+    assert not is_placeholder(arm_id) and json.loads(sd.read_text(StudyDir.RUNS)) == runs
+    run = store.runs[arm_id]
+    assert run["tags"]["mlflow.parentRunId"] == parent and run["params"] == {"lr": "0.1"}
+    assert _steps(run, "val_loss") == [1, 2, 3] and len(_steps(run, "nan")) == 3
+    assert run["status"] == "KILLED" and store.runs[parent]["status"] == "KILLED"
+    assert store.runs[parent]["tags"]["note"] == "x"
+    assert store.artifacts[parent] == {"None/summary.md": "the summary"}
+
+    # a copy kept while the store was away, sent again after the store took it: nothing twice
+    shutil.copytree(stale, tmp_path / "sd" / StudyDir.OUTBOX)
+    runner.send_outbox(sd, _tracker(store, clock), runs, sd.outbox())
+    assert len(store.runs) == 2 and _steps(store.runs[arm_id], "val_loss") == [1, 2, 3]
+    assert not sd.exists(StudyDir.OUTBOX)
+
+
+def test_an_outbox_the_store_does_not_take_stays(tmp_path):
+    store, clock = FakeStore(), FakeClock(100.0)
+    sd = _study_dir(tmp_path)
+    first = _tracker(store, clock, final_wait_s=1.0)
+    first.on_abandon(sd.write_outbox)
+    parent = first.start_run("study")
+    store.down = True
+    first.log_metrics(parent, {"x": 1.0}, 1)
+    first.end_all("FINISHED")
+    kept = sd.outbox()
+    assert kept and store.runs[parent]["status"] == "RUNNING"
+    store.down = False
+    second = _tracker(store, clock, read_wait_s=5.0)
+    store.down = True  # answered for the experiment, then went away again
+    with pytest.raises(TrackingUnavailable, match=f"{len(kept)} of {len(kept)} still wait in .*mlflow-outbox"):
+        runner.send_outbox(sd, second, {"parent_run_id": parent}, kept)
+    assert sd.outbox() == kept and second.pending == 0  # kept for the next try; this tracker forgot them
+    store.down = False
+    runner.send_outbox(sd, _tracker(store, clock), {"parent_run_id": parent}, kept)
+    assert _steps(store.runs[parent], "x") == [1] and store.runs[parent]["status"] == "FINISHED"
+
+
+def test_the_queue_is_copied_to_the_study_directory_while_the_store_is_away(tmp_path, monkeypatch):
+    """A coordinator killed during an outage loses nothing of the queue: StudyRecords copies it
+    (every OUTBOX_EVERY_S and at each arm's end) and removes the copy once it is sent."""
+    store, clock = FakeStore(), FakeClock(100.0)
+    sd = _study_dir(tmp_path)
+    tracker = _tracker(store, clock)
+    parent = tracker.start_run("study")
+    study = SimpleNamespace(budget=SimpleNamespace(schedule="sequential"))
+    records = runner.StudyRecords(study, sd, tracker, {"parent_run_id": parent}, [])
+    records.sync_outbox(force=True)
+    assert not sd.exists(StudyDir.OUTBOX)  # nothing waits: nothing kept
+    store.down = True
+    tracker.log_metrics(parent, {"x": 1.0}, 1)
+    tracker.flush()
+    records.sync_outbox(force=True)
+    assert [r["kind"] for r in sd.outbox()] == ["batch"]
+    tracker.log_metrics(parent, {"x": 2.0}, 2)
+    tracker.flush()
+    def kept_values() -> list[float]:
+        return [m[1] for r in sd.outbox() for m in r["args"]["metrics"]]
+
+    records.sync_outbox()  # within OUTBOX_EVERY_S of the last copy: not copied again
+    assert kept_values() == [1.0]
+    monkeypatch.setattr(runner, "OUTBOX_EVERY_S", 0.0)
+    records.sync_outbox()
+    assert kept_values() == [1.0, 2.0]
+    store.down = False
+    clock.advance(10.0)
+    tracker.flush()
+    records.sync_outbox()
+    assert tracker.pending == 0 and not sd.exists(StudyDir.OUTBOX)
+
+
 def test_reads_wait_for_the_queue_or_say_the_store_is_away():
     store, clock = FakeStore(), FakeClock(100.0)
     tracker = _tracker(store, clock, read_wait_s=10.0)
@@ -439,6 +550,59 @@ def test_study_survives_a_server_restart(tmp_path, ray_session, monkeypatch):
         assert s["queued_metrics"] == s["replayed_metrics"] > 0, numbers
 
         _check_records(sd, MlflowClient(server.uri))
+    finally:
+        server.kill()
+
+
+def test_records_the_store_never_got_are_sent_by_resume(tmp_path, ray_session, monkeypatch):
+    """The server dies mid-study and is not back by its end: the study finishes, keeps what
+    MLflow did not take in its outbox, and `resume` sends it once the server is back."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from hypersweep.orchestrator.cli import main
+
+    class Impatient(Tracker):  # the end of the study waits 3 s for the store, not 30
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "final_wait_s": 3.0})
+
+    monkeypatch.setattr(runner, "Tracker", Impatient)
+    server = MlflowServer(tmp_path)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    sd = tmp_path / "sd"
+
+    def kill_the_server():
+        end = time.monotonic() + 120
+        while _journal_lines(sd, "fixed") < 1 and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        server.kill()
+
+    try:
+        server.start()
+        breaker = threading.Thread(target=kill_the_server, daemon=True)
+        breaker.start()
+        cli = CliRunner()
+        result = cli.invoke(main, ["run", str(tmp_path / "study.yaml"), "--study-dir", str(sd),
+                                   "--tracking-uri", server.uri, "--no-live"])
+        breaker.join(timeout=120)
+        assert result.exit_code == 0, result.output + str(result.exception)
+        kept = json.loads((sd / StudyDir.OUTBOX / "records.json").read_text())
+        assert {r["kind"] for r in kept} >= {"create", "batch", "artifact", "terminate"}
+        assert PLACEHOLDER in (sd / "runs.json").read_text()  # runs made while the server was away
+
+        server.start()
+        t0 = time.monotonic()
+        result = cli.invoke(main, ["resume", str(sd), "--no-live"])
+        resume_s = time.monotonic() - t0
+        assert result.exit_code == 0, result.output + str(result.exception)
+        print(f"\nsent {len(kept)} kept records in {resume_s:.1f} s")
+        assert f"sent {len(kept)} MLflow records" in result.output and "has finished" in result.output
+        assert not (sd / StudyDir.OUTBOX).exists()
+        _check_records(sd, MlflowClient(server.uri))
+
+        result = cli.invoke(main, ["resume", str(sd), "--no-live"])
+        assert result.exit_code == 0 and "sent" not in result.output and "nothing to resume" in result.output
     finally:
         server.kill()
 
