@@ -72,7 +72,19 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:  # a new Ray of our own, never one found through RAY_ADDRESS or a stale /tmp/ray file
+        loopback_only()
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+def loopback_only() -> None:
+    """Make a local Ray listen on 127.0.0.1 only. Ray binds its servers (GCS, raylet, object
+    manager, workers' gRPC) to every interface unless its node address is the loopback one,
+    and `node_ip_address` is not enough for that in this Ray (the head still takes the
+    machine's address); the switch Ray has for one-machine use on macOS and Windows is: the
+    node address becomes 127.0.0.1 and every server binds there."""
+    from ray._private import ray_constants
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # (for Ray processes that read it)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # (read when the node starts, after `import ray`)
 
 
 def shutdown_ray() -> None:

@@ -11,6 +11,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"  # full MNIST for slow tests; abse
 def ray_session():
     """One local Ray for the whole test session."""
     import ray
+
+    from hypersweep.orchestrator.runner import loopback_only
+    loopback_only()  # as a study's own Ray: nothing listens beyond 127.0.0.1
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
