@@ -70,10 +70,36 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
+        check_address(address)
         ray.init(address=address, **kwargs)
     else:  # a new Ray of our own, never one found through RAY_ADDRESS or a stale /tmp/ray file
         loopback_only()
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """StudyError, in one line naming the address, when no Ray cluster answers there within
+    `timeout_s` (Ray itself would wait on "Failed to connect to GCS" for as long as it runs).
+    `auto` is the cluster Ray would pick: RAY_ADDRESS, else the one in
+    /tmp/ray/ray_current_cluster, which a head that died uncleanly leaves behind."""
+    import socket
+
+    from ray._private import services
+    if "://" in address:
+        raise StudyError(f"--address {address}: give the cluster's GCS address HOST:PORT (default port 6379) "
+                         "and run on a node of the cluster; Ray Client (ray://) is not supported")
+    try:
+        target = services.canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise StudyError(f"--address {address}: {e}") from None
+    if target is None:  # "local": a new Ray
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+        raise StudyError(f"--address {address}: no Ray cluster answers at {target} ({reason})") from None
 
 
 def loopback_only() -> None:

@@ -1,8 +1,12 @@
 """A local study's Ray listens on the loopback interface only: nothing of it is reachable from
 the network (a local Ray has no authentication between its processes)."""
+import os
+import socket
+import subprocess
 import time
 
 import psutil
+import pytest
 import yaml
 
 from tests.test_resume import STUDY, _cli, _finish, _journal, _kill_group, _running, _wait_for
@@ -46,3 +50,27 @@ def test_a_local_study_listens_on_loopback_only(tmp_path):
 
 def psutil_loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
+
+
+@pytest.mark.parametrize("address, env, says", [
+    ("127.0.0.1:{port}", {}, "no Ray cluster answers at"),
+    ("auto", {"RAY_ADDRESS": "127.0.0.1:{port}"}, "no Ray cluster answers at"),  # e.g. a stale cluster
+    ("ray://127.0.0.1:{port}", {}, "Ray Client (ray://) is not supported"),
+])
+def test_an_address_where_no_ray_answers_is_one_line_at_once(tmp_path, address, env, says):
+    """Ray would wait on "Failed to connect to GCS" for as long as it runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    address = address.format(port=port)
+    t0 = time.monotonic()
+    r = subprocess.run(["hypersweep", "run", str(tmp_path / "study.yaml"), "--study-dir", str(tmp_path / "sd"),
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--address", address, "--no-live"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **{k: v.format(port=port) for k, v in env.items()}})
+    print(f"\n{address}: {time.monotonic() - t0:.1f} s")
+    assert r.returncode == 2, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"hypersweep: error: --address {address}: ") and says in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing made
