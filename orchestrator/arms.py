@@ -58,11 +58,12 @@ def _resume_point(recorder: Recorder) -> dict[str, Any]:
     """How a (resumed) arm goes on: the wall time it had used (the last heartbeat, or its last
     report if that is later) and whether its Tune experiment is restored."""
     status = recorder.ctx.status
-    if status.status != "interrupted":
+    if status.status not in ("interrupted", "extending"):
         return {"used_s": 0.0, "restore": False}
     used = max([status.wall_time_used_s] + [row["arm_time_s"] for row in recorder.rows])
     status.elapsed_s = used
-    return {"used_s": used, "restore": True}
+    # extending: the trials the old budget ended go on (from their checkpoints at its end)
+    return {"used_s": used, "restore": True, "extend": status.status == "extending"}
 
 
 def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: StudyDir, data_root: str | None) -> None:
@@ -203,7 +204,8 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         with study_dir.writing(name) as local:
             schedule_plot(best, local, title=f"{unit.arm.name} seed {unit.seed_index} ({unit.arm.method})")
             tracker.log_artifact(run_id, local, "plots")
-    if unit.arm.ensemble and not failed and not recorder.end_sent["ensemble"]:  # (else recorded before a crash)
+    # (drawn before a crash: not again; an extended arm draws again, at the step of its extension)
+    if unit.arm.ensemble and not failed and recorder.end_sent["ensemble"] < status.extensions:
         arm_ensemble(ctx, tracker, study_dir)
     status.status = "failed" if failed else "done"
     tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
@@ -217,8 +219,9 @@ def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None
         trials = groups(find_trials(study_dir), unit.arm.name, unit.seed_index)[(unit.arm.name, unit.seed_index)]
         compute = Compute(use_ray=True, num_cpus=b.cpus_per_worker, num_gpus=b.gpus_per_worker)
         run_ensemble(trials, e.members, study_dir.ensemble_folder(unit.arm.name, unit.seed_index), compute,
-                     sample_seed=unit.ensemble_seed if e.sample_seed is None else e.sample_seed, distill_too=e.distill == "polyak", tracker=tracker)
+                     sample_seed=unit.ensemble_seed if e.sample_seed is None else e.sample_seed,
+                     distill_too=e.distill == "polyak", tracker=tracker, step=ctx.status.extensions)
     except Exception as err:  # the arm's training records stand; say what went wrong on its run
         log.warning("ensemble of %s failed: %s", unit.key, err)
         tracker.set_tags(ctx.run_id, {"ensemble_error": f"{type(err).__name__}: {err}"[:4000]})
-    tracker.log_metrics(ctx.run_id, {"ensemble_time_s": time.monotonic() - t}, step=0)
+    tracker.log_metrics(ctx.run_id, {"ensemble_time_s": time.monotonic() - t}, step=ctx.status.extensions)

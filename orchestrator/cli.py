@@ -143,7 +143,8 @@ def _shutdown_ray() -> None:
 
 @main.command()
 @click.argument("study_dir")
-@click.option("--budget-s", type=float, help="A longer budget per arm x seed than the recorded one (never shorter).")
+@click.option("--budget-s", type=float, help="A longer budget per arm x seed than the recorded one (never shorter); "
+              "arms that ran out the old budget go on to the new one.")
 @click.option("--address", help="Ray cluster address (e.g. auto, or HOST:6379); default: a local Ray on this machine's CPUs.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the one the study recorded in runs.json).")
 @click.option("--data-root", help="Override dataset.root for file-based data sets.")

@@ -198,9 +198,10 @@ def histogram(ens: Ensemble, distilled: dict[str, dict[str, Any]] | None, out: F
 
 
 def run_ensemble(trials: Sequence[TrialRecord], members: int, out: Folder, compute: Compute, *,
-                 sample_seed: int = 0, distill_too: bool = True, tracker=None) -> dict[str, float]:
+                 sample_seed: int = 0, distill_too: bool = True, tracker=None, step: int = 0) -> dict[str, float]:
     """Everything for one arm x seed: members, table, (distillation), plot, and the MLflow
-    records on the arm's run when `tracker` is given. Returns the headline metrics."""
+    records on the arm's run when `tracker` is given (at `step`: an arm extended by a longer
+    budget draws again, at the step of its extension). Returns the headline metrics."""
     ens = build_ensemble(trials, members, compute, sample_seed)
     t = trials[0]
     provenance = {"arm": t.arm, "method": t.method, "seed_index": t.seed_index, "seed": t.seed,
@@ -210,7 +211,7 @@ def run_ensemble(trials: Sequence[TrialRecord], members: int, out: Folder, compu
     histogram(ens, distilled, out)
     metrics = headline(ens, distilled)
     if tracker is not None and t.run_id:
-        record(tracker, t.run_id, metrics, out)
+        record(tracker, t.run_id, metrics, out, step)
     return metrics
 
 
@@ -267,8 +268,8 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
     return "\n".join(lines) + "\n"
 
 
-def record(tracker, run_id: str, metrics: dict[str, float], out: Folder) -> None:
-    tracker.log_metrics(run_id, metrics, step=0)
+def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: int = 0) -> None:
+    tracker.log_metrics(run_id, metrics, step=step)
     tracker.flush()
     for name in ("ensemble.parquet", "ensemble.json", "distill.json", "members.png", "distilled-raw.pt",
                  "distilled-gauge.pt"):

@@ -26,6 +26,7 @@ class ArmStatus:
     wall_time_used_s: float = 0.0
     interruptions: int = 0  # times the coordinator died or was stopped while this arm ran
     trial_errors: int = 0  # trials that failed for good (after their retries)
+    extensions: int = 0  # times `resume --budget-s` lengthened this arm after it had run out its budget
 
     @property
     def ended(self) -> bool:

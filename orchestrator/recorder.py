@@ -82,12 +82,12 @@ class Recorder:
         # What of the arm run's end records MLflow has (a resumed arm's earlier execution may
         # have sent some): read when a resumed arm starts, so that its end needs no read (MLflow
         # may be away then; the end records queue like every other write).
-        self.end_sent = {"val_loss": 0, "summary": False, "ensemble": False}
+        self.end_sent = {"val_loss": 0, "summary": -1, "ensemble": -1}  # (last steps: -1 none)
         self.write_error: Unwritable | None = None  # the study directory refused a write: the study stops
         u = ctx.unit
         study_dir.mend_journal(u.arm.name, u.seed_index)
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
-        if journal or (ctx.records and ctx.records.trial_runs(u)) or ctx.status.status in ("interrupted", "ending"):
+        if journal or (ctx.records and ctx.records.trial_runs(u)) or ctx.status.status in ("interrupted", "ending", "extending"):
             self._resume(journal)
 
     def _resume(self, journal: list[dict[str, Any]]) -> None:
@@ -124,9 +124,9 @@ class Recorder:
         tracker.flush()
         self.end_sent = {  # (this execution logs none of these before the arm's end)
             "val_loss": tracker.last_step(c.run_id, "val_loss"),
-            "summary": tracker.last_step(c.run_id, "trial_errors", default=-1) >= 0,
+            "summary": tracker.last_step(c.run_id, "trial_errors", default=-1),
             "ensemble": max(tracker.last_step(c.run_id, key, default=-1)
-                            for key in ("ensemble.members", "ensemble_time_s")) >= 0}
+                            for key in ("ensemble.members", "ensemble_time_s"))}
 
     def _trial_run(self, trial_id: str, hp: dict) -> str:
         if trial_id not in self.trial_runs:
@@ -198,7 +198,8 @@ class Recorder:
         summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
                    "trial_errors": errors, "reports": status.reports}
         # A resumed arm may have written part of this before the coordinator died: once each.
-        sent, summarised = self.end_sent["val_loss"], self.end_sent["summary"]
+        # (An arm a longer budget extended is summarised again, at its new report count.)
+        sent, summarised = self.end_sent["val_loss"], self.end_sent["summary"] >= status.reports
         if rows:
             best = status.best_row
             # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
@@ -210,8 +211,12 @@ class Recorder:
                                                       if _is_metric(k, v) and k != "wall_time_s"}, row["step"])
             # best_val_loss is the anytime curve's last point already
             summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v) and k != "val_loss"})
-            self.tracker.log_params(run_id, {"best_trial_id": best["trial_id"],
-                                             **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}})
+            best_hp = {"best_trial_id": best["trial_id"],
+                       **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}}
+            if status.extensions:  # MLflow params never change: an extended arm's best goes to tags
+                self.tracker.set_tags(run_id, best_hp)
+            else:
+                self.tracker.log_params(run_id, best_hp)
         if not summarised:
             self.tracker.log_metrics(run_id, summary, status.reports)
 

@@ -206,7 +206,7 @@ class StudyRecords:
             "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
             "wall_time_used_s": s.elapsed_s if s.status == "running" else s.wall_time_used_s,
             "within_budget": s.within_budget, "trials": s.trials_started, "reports": s.reports,
-            "interruptions": s.interruptions, "trial_errors": s.trial_errors,
+            "interruptions": s.interruptions, "trial_errors": s.trial_errors, "extensions": s.extensions,
             "schedule": self.study.budget.schedule}
             for s in self.statuses if s.status != "pending"})
         self.sync_outbox()
@@ -283,6 +283,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             s.trials_started, s.reports = int(saved.get("trials", 0)), int(saved.get("reports", 0))
             s.interruptions = int(saved.get("interruptions", 0))
             s.trial_errors = int(saved.get("trial_errors", 0))
+            s.extensions = int(saved.get("extensions", 0))
             if s.ended:
                 s.budget_s = float(saved.get("budget_s", s.budget_s))
             if s.status in ("running", "ending"):  # the coordinator died under it (a signal counted already)
@@ -290,15 +291,14 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
                 if s.status == "running":
                     s.status = "interrupted"
         statuses.append(s)
-    extended = budget_s is not None and any(s.status == "done" and s.wall_time_used_s >= 0.98 * s.budget_s
-                                             for s in statuses)
-    finished = all(s.ended for s in statuses) and not extended
+    for s in statuses:  # a longer sweep: the arms that ran out their budget go on to the new one
+        if s.status == "done" and s.budget_s < study.budget.seconds and s.wall_time_used_s >= 0.98 * s.budget_s:
+            s.status, s.budget_s = "extending", study.budget.seconds
+            s.extensions += 1
+    finished = all(s.ended for s in statuses)
     outbox = study_dir.outbox()
     if finished and not outbox:
         return None
-    if extended:
-        raise StudyError(f"--budget-s {budget_s:g}: extending arms that already ended is not supported yet; "
-                         "a resume continues the arms that had not ended")
     for s, u in zip(statuses, units):
         if s.ended:  # the summary shows them too
             part = study_dir.read_part(u.arm.name, u.seed_index)

@@ -193,11 +193,14 @@ class QueueSink:
 
 
 def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict[str, Any], workers: int, sink, *,
-             used_s: float = 0.0, restore: bool = False, clock: Clock = time.monotonic) -> dict[str, Any]:
+             used_s: float = 0.0, restore: bool = False, extend: bool = False,
+             clock: Clock = time.monotonic) -> dict[str, Any]:
     """Run one arm x seed's Tune experiment under its budget; Tune's events go to `sink`.
     `used_s`: the wall time the arm used before (a resumed arm gets the rest of its budget);
     `restore`: continue the arm's Tune experiment where it stopped (finished trials kept,
-    running ones from their last checkpoint, pending ones start), if there is one.
+    running ones from their last checkpoint, pending ones start), if there is one; `extend`:
+    the finished trials go on too (a longer budget: those the old one ended continue from their
+    checkpoint at its end; those that had run `max_steps` end at once).
     Runs in the coordinator (arms one after another) or in a Ray task (concurrent arms).
     Returns the errors, the wall time used and each trial's folder (a path on the study
     directory's filesystem) and config."""
@@ -233,8 +236,11 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
             name = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt + 1)
             restore = False
         if restore:
-            tuner = Tuner.restore(f"{storage_path}/{name}", trainable, resume_unfinished=True, resume_errored=False,
-                                  storage_filesystem=storage_fs)
+            from ray.tune import ResumeConfig
+            again = ResumeConfig.ResumeType.RESUME
+            tuner = Tuner.restore(f"{storage_path}/{name}", trainable, storage_filesystem=storage_fs,
+                                  _resume_config=ResumeConfig(finished=again if extend else ResumeConfig.ResumeType.SKIP,
+                                                              unfinished=again, errored=ResumeConfig.ResumeType.SKIP))
         else:
             max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
             alg = searcher(unit)
@@ -242,7 +248,7 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                 alg = SearchGenerator(ConcurrencyLimiter(alg, max_concurrent=workers))
             tuner = Tuner(
                 trainable,
-                param_space={**param_space, "deadline": deadline, "deadline_key": key},
+                param_space={**param_space, "deadline": deadline, "deadline_key": key, "max_steps": max_steps},
                 tune_config=TuneConfig(metric="val_loss", mode="min", search_alg=BudgetedSearch(alg, key),
                                        num_samples=num_samples(unit), scheduler=scheduler(unit, max_steps),
                                        reuse_actors=True, trial_dirname_creator=_trial_dirname),
@@ -271,23 +277,19 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
 
 def unreadable_state(experiment: Folder) -> str | None:
     """What of a Tune experiment's saved state cannot be read (a file cut by a crash or a
-    full disk), or None. Tune reads its newest experiment_state-*.json, the searcher's newest
-    state and tuner.pkl."""
+    full disk), or None. Tune reads its newest experiment_state-*.json, the search algorithm's
+    newest state (basic-variant-state-*.json and search_gen_state-*.json are pickles despite
+    their names) and tuner.pkl."""
     import pickle
     files = experiment.list()
-    newest = [max((f for f in files if f.startswith(prefix) and f.endswith(suffix)), default=None)
-              for prefix, suffix in (("experiment_state", ".json"), ("search_gen_state", ".json"),
-                                     ("basic-variant-state", ".json"))]
-    for name in filter(None, newest):
+    newest = [max((f for f in files if f.startswith(prefix)), default=None)
+              for prefix in ("experiment_state-", "basic-variant-state-", "search_gen_state-")]
+    for name in [*filter(None, newest), *(["tuner.pkl"] if "tuner.pkl" in files else [])]:
+        data = experiment.read_bytes(name)
         try:
-            json.loads(experiment.read_text(name))
-        except (ValueError, UnicodeDecodeError) as e:
+            pickle.loads(data) if data[:1] == b"\x80" else json.loads(data)
+        except Exception as e:  # a cut file: JSONDecodeError, EOFError, UnpicklingError, ...
             return f"{name}: {type(e).__name__}"
-    if "tuner.pkl" in files:
-        try:
-            pickle.loads(experiment.read_bytes("tuner.pkl"))
-        except Exception as e:  # a cut pickle raises EOFError, UnpicklingError, ...
-            return f"tuner.pkl: {type(e).__name__}"
     return None
 
 

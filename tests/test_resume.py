@@ -246,3 +246,63 @@ def test_resume_after_sigkill_during_an_arms_ensemble(tmp_path):
     arm_runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id],
                                   "tags.kind = 'arm' and tags.arm = 'fixed'")
     assert len(arm_runs) == 2 and all(r.data.metrics["ensemble.members"] == 2 for r in arm_runs)
+
+
+def test_a_longer_budget_extends_the_arms_that_ran_out_of_it(tmp_path):
+    """`resume --budget-s` on a finished study: the arm whose trials the budget cut goes on from
+    their checkpoints to the new budget (its wall time charged in full: old + new part); the arm
+    that had finished early is left as it was."""
+    study = {**STUDY, "seeds": 1, "budget": {"seconds": 12, "workers": 2},
+             "arms": [{**STUDY["arms"][0], "max_epochs": 20}, {**STUDY["arms"][1], "num_samples": 2}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _finish(_cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live"))
+    arms = json.loads((sd / "arms.json").read_text())
+    assert {a["status"] for a in arms.values()} == {"done"}, out
+    assert arms["fixed/seed0"]["wall_time_used_s"] < 10 and within_budget(arms["rand/seed0"]["wall_time_used_s"], 12)
+    before = pd.read_parquet(sd / "results.parquet")
+
+    resume = _cli("resume", str(sd), "--budget-s", "24", "--no-live")
+    out = _finish(resume)
+    assert resume.returncode == 0, out
+    arms = json.loads((sd / "arms.json").read_text())
+    rand, fixed = arms["rand/seed0"], arms["fixed/seed0"]
+    assert rand["status"] == "done" and rand["budget_s"] == 24 and rand["extensions"] == 1, rand
+    assert within_budget(rand["wall_time_used_s"], 24), rand
+    assert fixed["budget_s"] == 12 and fixed["extensions"] == 0 and fixed["interruptions"] == 0
+    assert yaml.safe_load((sd / "study.yaml").read_text())["budget"]["seconds"] == 24
+
+    after = pd.read_parquet(sd / "results.parquet")
+    keys = list(zip(after.arm, after.trial_id, after.step))
+    assert len(keys) == len(set(keys))
+    assert after[after.arm == "fixed"].sort_values(["trial_id", "step"]).step.tolist() == \
+        before[before.arm == "fixed"].sort_values(["trial_id", "step"]).step.tolist()
+    old, new = (df[df.arm == "rand"].groupby("trial_id").step.max() for df in (before, after))
+    went_on = [t for t in old.index if new[t] > old[t]]
+    assert went_on, "no trial of the extended arm trained on"
+    for trial_id, g in after[after.arm == "rand"].groupby("trial_id"):
+        assert sorted(g.step) == list(range(1, len(g) + 1)), trial_id  # from its checkpoint, not from zero
+        if trial_id in went_on:
+            assert (g[g.step > old[trial_id]].restores > 0).all()
+            assert g[g.step > old[trial_id]].arm_time_s.min() >= 12 * 0.9  # charged after the old budget
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id], max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parent = next(r for r in runs if r.data.tags.get("kind") == "study")
+    assert parent.data.tags["budget_seconds_resumed"] == "24.0"
+    arm = next(r for r in runs if r.data.tags.get("kind") == "arm" and r.data.tags["arm"] == "rand")
+    assert arm.data.tags["resumed"] == "1" and "best_trial_id" in arm.data.tags
+    for run in runs:  # every (run, metric, step) once
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key)
+    trial_runs = {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("kind") == "trial"
+                  and r.data.tags["arm"] == "rand"}
+    for trial_id, g in after[after.arm == "rand"].groupby("trial_id"):
+        assert sorted(m.step for m in client.get_metric_history(trial_runs[trial_id], "val_loss")) == sorted(g.step)
+    summaries = client.get_metric_history(arm.info.run_id, "trials")
+    assert len(summaries) == 2  # summarised at the end of each budget, at its report count
+
+    again = _cli("resume", str(sd), "--budget-s", "24", "--no-live")
+    assert "has finished" in _finish(again) and again.returncode == 0

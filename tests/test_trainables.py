@@ -101,3 +101,22 @@ def test_a_deadline_ends_an_epoch_between_minibatches(method):
     m.train_epoch()
     assert m.epoch == 1
     t.stop()
+
+
+def test_a_trial_past_its_last_step_ends_without_training(tmp_path):
+    """An extended arm resumes its finished trials with the others: one that had run all its
+    `max_steps` ends at once, trains nothing, and its report is not recorded (trained() False)."""
+    from hypersweep.orchestrator.recorder import trained
+    config = {**_config("sgd"), "max_steps": 2}
+    a = trainable_class("sgd")(config=config)
+    a.train()
+    last = a.train()
+    checkpoint = a.save(str(tmp_path / "ckpt"))
+    b = trainable_class("sgd")(config=config)
+    b.restore(checkpoint)
+    epoch = b.method.epoch
+    extra = b.train()
+    assert extra["done"] and extra["epochs_this_step"] == 0 and b.method.epoch == epoch
+    assert extra["val_loss"] == last["val_loss"] and not trained(extra)
+    for t in (a, b):
+        t.stop()

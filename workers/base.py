@@ -121,6 +121,11 @@ class MethodTrainable(tune.Trainable):
         epochs; a pass the deadline cut short trains and counts in `train_loss`, not as an epoch."""
         t = time.monotonic()
         deadline = self._deadline()
+        if self.iteration >= int(self.config.get("max_steps") or 0) > 0:
+            # a trial that had run all its steps, resumed with the others of an extended arm: it
+            # ends at once, training nothing (the report is its last one again, not recorded)
+            return {"done": True, "train_loss": float("nan"), "epoch": self.method.epoch, "epochs_this_step": 0,
+                    **{f"val_{k}": v for k, v in self.method.evaluate("val").items()}}
         epoch_before, losses = self.method.epoch, []
         for _ in range(self.epochs_per_step):
             if past(deadline):
