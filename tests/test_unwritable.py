@@ -232,8 +232,10 @@ def test_sigterm_during_concurrent_arms_stops_them_and_resume_finishes(tmp_path)
         _kill_group(run)
     assert run.returncode == 130, out
     print(f"\nstopped {stop_s:.1f} s after SIGTERM")
-    arms = json.loads((sd / "arms.json").read_text())  # not "done": they did not run out their budgets
-    assert {arms[k]["status"] for k in ("fixed/seed0", "rand/seed0")} == {"interrupted"}, arms
+    # the searched arm did not run out its budget (the fixed one may have ended before: 2 steps)
+    arms = json.loads((sd / "arms.json").read_text())
+    assert arms["rand/seed0"]["status"] == "interrupted", arms
+    assert arms["fixed/seed0"]["status"] in ("interrupted", "done"), arms
     before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
     resume = _cli("resume", str(sd), "--no-live")
     out = _finish(resume)
