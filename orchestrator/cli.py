@@ -6,6 +6,7 @@ the commands that need them, so `--help` is instant.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -33,7 +34,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 def validate(study_file: str) -> None:
     """Check a study file without running anything.
 
@@ -41,12 +42,16 @@ def validate(study_file: str) -> None:
     Example:
       hypersweep validate configs/quickstart.yaml
     """
+    from hypersweep.methods.data import DataNotFoundError, check_available
     from hypersweep.orchestrator.planning import plan
     from hypersweep.orchestrator.study import StudyError, load_study
     try:
         study = load_study(study_file)
+        check_available(study.dataset.name, study.dataset.root)  # what `run` needs first: the data files
     except StudyError as e:
         _bad_input(str(e))
+    except DataNotFoundError as e:
+        _bad_input(f"{study_file}: dataset: {e}")
     units = plan(study)
     click.echo(f"{study_file}: ok: study {study.name!r}, dataset {study.dataset.name}, {len(study.arms)} arms x "
                f"{study.seeds} seeds = {len(units)} runs of {study.budget.seconds:g} s each "
@@ -54,7 +59,7 @@ def validate(study_file: str) -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 @click.option("--study-dir", help="Where records go: a path or a URI (file://, s3://, gs://; default "
               "studies/<name>-<UTC time>); must not exist.")
 @click.option("--budget-s", type=float, help="Override budget.seconds: wall-clock seconds per arm x seed.")
@@ -92,12 +97,14 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     try:
         check_available(study.dataset.name, study.dataset.root)
     except DataNotFoundError as e:
-        _bad_input(str(e))
+        _bad_input(f"{study_file}: dataset: {e}")
     from hypersweep.orchestrator.runner import default_study_dir, run_study
     from hypersweep.orchestrator.tracking import resolve_tracking_uri
     target = _study_dir(study_dir or default_study_dir(study), "--study-dir")
-    if target.exists():
-        _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
+    link = target.local_path is not None and os.path.islink(target.local_path)  # a dangling one too
+    if target.exists() or link:
+        _bad_input(f"--study-dir {target} already exists{' (a symbolic link)' if link else ''}; records are never "
+                   "overwritten, choose a new directory")
     from hypersweep.orchestrator.runner import StudyInterrupted
     from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
