@@ -34,7 +34,7 @@ from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_ma
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
 from hypersweep.orchestrator.study import Study, StudyError, decode_study, load_yaml, parse_study
 from hypersweep.orchestrator.studydir import StudyDir, Unwritable
-from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, swap_id, without_placeholders
+from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, choose_store, swap_id, without_placeholders
 from hypersweep.orchestrator.tune_run import INTERRUPTED, request_stop
 
 HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
@@ -304,10 +304,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
                 s.best_row, s.best_val_loss = row, row["val_loss"]
 
     runs = study_dir.runs()
-    uri = tracking_uri or runs.get("tracking_uri")
-    if not uri:
-        from hypersweep.orchestrator.tracking import resolve_tracking_uri
-        uri = resolve_tracking_uri(None, study.tracking.uri)
+    uri, why_not = choose_store(runs.get("tracking_uri") or study.tracking.uri, tracking_uri)
+    if uri is None:
+        raise StudyError(f"{study_dir}: {why_not}")
     tracker = Tracker(uri, study.tracking.experiment or study.name)
     if outbox:
         sent = send_outbox(study_dir, tracker, runs, outbox)
