@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -286,7 +287,7 @@ DATASETS: dict[str, Callable] = {
 
 
 def check_name(name: str) -> None:
-    if name in DATASETS or (name.startswith("uci:") and len(name) > 4):
+    if name in DATASETS or re.fullmatch(r"uci:[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):  # (a file name under the root)
         return
     raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}, uci:<name>")
 

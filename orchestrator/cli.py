@@ -6,6 +6,7 @@ the commands that need them, so `--help` is instant.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -33,7 +34,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 def validate(study_file: str) -> None:
     """Check a study file without running anything.
 
@@ -41,12 +42,16 @@ def validate(study_file: str) -> None:
     Example:
       hypersweep validate configs/quickstart.yaml
     """
+    from hypersweep.methods.data import DataNotFoundError, check_available
     from hypersweep.orchestrator.planning import plan
     from hypersweep.orchestrator.study import StudyError, load_study
     try:
         study = load_study(study_file)
+        check_available(study.dataset.name, study.dataset.root)  # what `run` needs first: the data files
     except StudyError as e:
         _bad_input(str(e))
+    except DataNotFoundError as e:
+        _bad_input(f"{study_file}: dataset: {e}")
     units = plan(study)
     click.echo(f"{study_file}: ok: study {study.name!r}, dataset {study.dataset.name}, {len(study.arms)} arms x "
                f"{study.seeds} seeds = {len(units)} runs of {study.budget.seconds:g} s each "
@@ -54,7 +59,7 @@ def validate(study_file: str) -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 @click.option("--study-dir", help="Where records go: a path or a URI (file://, s3://, gs://; default "
               "studies/<name>-<UTC time>); must not exist.")
 @click.option("--budget-s", type=float, help="Override budget.seconds: wall-clock seconds per arm x seed.")
@@ -92,12 +97,14 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     try:
         check_available(study.dataset.name, study.dataset.root)
     except DataNotFoundError as e:
-        _bad_input(str(e))
+        _bad_input(f"{study_file}: dataset: {e}")
     from hypersweep.orchestrator.runner import default_study_dir, run_study
     from hypersweep.orchestrator.tracking import resolve_tracking_uri
     target = _study_dir(study_dir or default_study_dir(study), "--study-dir")
-    if target.exists():
-        _bad_input(f"--study-dir {target} already exists; records are never overwritten, choose a new directory")
+    link = target.local_path is not None and os.path.islink(target.local_path)  # a dangling one too
+    if target.exists() or link:
+        _bad_input(f"--study-dir {target} already exists{' (a symbolic link)' if link else ''}; records are never "
+                   "overwritten, choose a new directory")
     from hypersweep.orchestrator.runner import StudyInterrupted
     from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
@@ -161,13 +168,13 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
     """
     from hypersweep.orchestrator.runner import StudyInterrupted, resume_study
     from hypersweep.orchestrator.study import StudyError
-    from hypersweep.orchestrator.studydir import Unwritable
+    from hypersweep.orchestrator.studydir import CorruptFile, Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
     target = _study_dir(study_dir, "STUDY_DIR")
     try:
         statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
                                 budget_s=budget_s, live=live)
-    except (StudyError, TrackingUnavailable) as e:
+    except (StudyError, TrackingUnavailable, CorruptFile) as e:
         _bad_input(str(e))
     except StudyInterrupted:
         _interrupted(target)
@@ -217,11 +224,33 @@ def _print_rows(rows: list[dict], title: str) -> None:
     Console(width=160).print(t)
 
 
-def _tracker_for(uri: str | None, enabled: bool):
-    if not (enabled and uri):
+def _tracker_for(recorded: str | None, flag: str | None, run_id: str | None, study_id: str | None = None):
+    """A Tracker for logging to an existing run of a study, or None (with a line saying why):
+    the store is the one the user names, or the study's own when it is on this machine
+    (tracking.choose_store); the run must be in it, and belong to this study directory (a
+    copied one keeps the original's run ids)."""
+    if not run_id:
         return None
-    from hypersweep.orchestrator.tracking import Tracker
-    return Tracker(uri, None)
+    from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, choose_store
+    uri, why_not = choose_store(recorded, flag)
+    if uri is None:
+        click.echo(f"hypersweep: MLflow: nothing logged: {why_not}", err=True)
+        return None
+    try:
+        tracker = Tracker(uri, None)
+        run = tracker.client.get_run(run_id)
+    except TrackingUnavailable as e:
+        click.echo(f"hypersweep: MLflow: nothing logged: {e}", err=True)
+        return None
+    except Exception:  # MlflowException: no such run here
+        click.echo(f"hypersweep: MLflow: nothing logged: run {run_id} is not in the store at {uri}", err=True)
+        return None
+    owner = run.data.tags.get("study_id")
+    if study_id and owner and owner != study_id:
+        click.echo(f"hypersweep: MLflow: nothing logged: run {run_id} belongs to study {owner}, not {study_id} "
+                   "(a copied study directory?)", err=True)
+        return None
+    return tracker
 
 
 @main.command()
@@ -233,8 +262,10 @@ def _tracker_for(uri: str | None, enabled: bool):
 @click.option("--out", help="Output folder, a path or a URI (default PATH/ensembles); must not hold an ensemble already.")
 @click.option("--distill/--no-distill", default=True, help="Also the Polyak averages (as `hypersweep distill`).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the arm's MLflow run (default on).")
+@click.option("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the study's own when it is "
+              "on this machine).")
 @click.option("--address", help="Compute on this Ray cluster (default: in this process).")
-def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlflow, address) -> None:
+def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlflow, tracking_uri, address) -> None:
     """Ensembles from a study directory (every arm x seed) or one trial directory
     (STUDY/tune/ARM-seedI/TRIAL): K members each, evaluated by mean prediction and majority
     vote, written to ensemble.parquet.
@@ -244,14 +275,14 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
       hypersweep ensemble studies/qs --members 16 --arm hyper-diverse
     """
     from hypersweep.orchestrator.ensembles import ENSEMBLE_FILE, member_sources, run_ensemble, table
-    from hypersweep.orchestrator.studydir import Folder
+    from hypersweep.orchestrator.studydir import CorruptFile, Folder
     from hypersweep.orchestrator.trials import TRIAL_FILE, Compute, EnsembleError, find_trials, groups
     root = _study_dir(path, "PATH")
     try:
         todo = groups(find_trials(root), arm, seed_index)
         for trials in todo.values():  # every group checked before anything is written
             member_sources(trials, members)
-    except EnsembleError as e:
+    except (EnsembleError, CorruptFile) as e:
         _bad_input(str(e))
     single_trial = len(todo) == 1 and root.is_file(TRIAL_FILE)
     base = Folder(out) if out else root.sub("ensemble" if single_trial else root.ENSEMBLES)
@@ -264,11 +295,13 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
         init_ray(address)
     compute = Compute(use_ray=bool(address))
     results = {}
+    study_id = root.study_id if root.is_study() else None
     for key, trials in todo.items():
+        tracker = _tracker_for(trials[0].tracking_uri, tracking_uri, trials[0].run_id, study_id) if use_mlflow else None
         try:
             results[key] = run_ensemble(trials, members, folders[key], compute, sample_seed=sample_seed,
-                                        distill_too=distill, tracker=_tracker_for(trials[0].tracking_uri, use_mlflow))
-        except EnsembleError as e:
+                                        distill_too=distill, tracker=tracker)
+        except (EnsembleError, CorruptFile) as e:
             _bad_input(str(e))
     _print_rows(table(results), f"ensembles of {members} (test split)")
     click.echo(f"written: {base}")
@@ -282,7 +315,9 @@ def ensemble(path, members, arm, seed_index, sample_seed, out, distill, use_mlfl
 @click.option("--last", "last_k", type=click.IntRange(min=0), default=0,
               help="Also the test metric averaged over the best trial's last K reports (mean +- s.e. over seeds).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Log report.md and anytime.png on the study's parent run.")
-def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
+@click.option("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the study's own when it is "
+              "on this machine).")
+def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> None:
     """Compare the arms of one or more studies (finished or still running): writes
     STUDY/report.md (per arm: final best val loss over seeds, test metric at best val, time
     to reach the best black-box arm's final val loss, wall time used, trials) and
@@ -293,12 +328,16 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
       hypersweep compare studies/stn-vs-bo-digits-20261122-101500 --log-time
     """
     from hypersweep.orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
+    from hypersweep.orchestrator.studydir import CorruptFile
     loaded = []
     for d in study_dirs:
         path = _study_dir(d, "STUDY_DIR")
         if not path.is_study():
             _bad_input(f"{path}: not a study directory (no study.yaml)")
-        df, arms, study = load_study_records(path)
+        try:
+            df, arms, study = load_study_records(path)
+        except CorruptFile as e:
+            _bad_input(str(e))
         if df.empty or "val_loss" not in df:
             _bad_input(f"{path}: no reports recorded yet")
         loaded.append((path, df, arms, study))
@@ -321,8 +360,9 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow) -> None:
         with path.writing(path.ANYTIME) as local:
             anytime_plot(anytime_curves(df), local, title=study["name"], log_time=log_time, how=band)
         meta = path.runs()
-        if use_mlflow and meta:
-            tracker = _tracker_for(meta.get("tracking_uri"), True)
+        tracker = _tracker_for(meta.get("tracking_uri"), tracking_uri, meta.get("parent_run_id"),
+                               path.study_id) if use_mlflow else None
+        if tracker is not None:
             for name in (path.REPORT, path.ANYTIME):
                 with path.reading(name) as local:
                     tracker.log_artifact(meta["parent_run_id"], local, "report")
@@ -342,8 +382,12 @@ def ensembles_report(study_dir) -> None:
       hypersweep ensembles-report studies/ensembles-digits
     """
     from hypersweep.orchestrator.ensembles import collected, report_markdown
+    from hypersweep.orchestrator.studydir import CorruptFile
     folder = _study_dir(study_dir, "STUDY_DIR")
-    results = collected(folder)
+    try:
+        results = collected(folder)
+    except CorruptFile as e:
+        _bad_input(str(e))
     if not results:
         _bad_input(f"{study_dir}: no ensembles under ensembles/ (an arm's `ensemble:` or `hypersweep ensemble` makes them)")
     text = report_markdown(results)
@@ -355,7 +399,9 @@ def ensembles_report(study_dir) -> None:
 @click.argument("path")
 @click.option("--out", help="Output folder, a path or a URI (default: the ensemble's folder).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the source arm's MLflow run (default on).")
-def distill_command(path, out, use_mlflow) -> None:
+@click.option("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the study's own when it is "
+              "on this machine).")
+def distill_command(path, out, use_mlflow, tracking_uri) -> None:
     """Polyak-average the members of an ensemble (ensemble.parquet, or its folder): raw weights
     and, for the plain ReLU nets, gauge-fixed weights; evaluate and save them.
 
@@ -363,8 +409,9 @@ def distill_command(path, out, use_mlflow) -> None:
     Example:
       hypersweep distill studies/qs/ensembles/hyper-diverse-seed0
     """
-    from hypersweep.orchestrator.ensembles import ENSEMBLE_FILE, distill, headline, histogram, read_ensemble, record, table
-    from hypersweep.orchestrator.studydir import Folder
+    from hypersweep.orchestrator.ensembles import (DISTILL_FILE, ENSEMBLE_FILE, distill, headline, histogram,
+                                                   read_ensemble, record, table)
+    from hypersweep.orchestrator.studydir import CorruptFile, Folder
     from hypersweep.orchestrator.trials import Compute, EnsembleError
     source = Folder(path)
     name = ENSEMBLE_FILE
@@ -372,17 +419,21 @@ def distill_command(path, out, use_mlflow) -> None:
         source, name = Folder(source.path.rsplit("/", 1)[0] or "/", source.fs), source.name
     try:
         ens, meta = read_ensemble(source, name)
-    except EnsembleError as e:
+    except (EnsembleError, CorruptFile) as e:
         _bad_input(str(e))
     folder = Folder(out) if out else source
+    done = [name for name in (DISTILL_FILE, "distilled-raw.pt", "distilled-gauge.pt") if folder.exists(name)]
+    if done:
+        _bad_input(f"{folder} already holds a distillation ({done[0]}); records are never overwritten, "
+                   "pass --out NEW_FOLDER")
     if not ens.metrics:
         from hypersweep.workers.ensemble import evaluate_weights
         ens.metrics = evaluate_weights(ens.config, ens.weights, ens.log_noise_std)
     distilled = distill(ens, folder, Compute())
     histogram(ens, distilled, folder)
     metrics = headline(ens, distilled)
-    tracker = _tracker_for(meta.get("tracking_uri"), use_mlflow)
-    if tracker is not None and meta.get("source_run"):
+    tracker = _tracker_for(meta.get("tracking_uri"), tracking_uri, meta.get("source_run")) if use_mlflow else None
+    if tracker is not None:
         record(tracker, meta["source_run"], metrics, folder)
     _print_rows(table({(meta.get("arm", "?"), meta.get("seed_index", 0)): metrics}), "Polyak-distilled (test split)")
     click.echo(f"written: {folder}")

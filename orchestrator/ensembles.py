@@ -28,6 +28,7 @@ from hypersweep.orchestrator.studydir import Folder, StudyDir
 from hypersweep.orchestrator.trials import Compute, EnsembleError, TrialRecord
 
 ENSEMBLE_FILE = "ensemble.parquet"
+DISTILL_FILE = "distill.json"
 
 
 @dataclass
@@ -71,7 +72,10 @@ def build_ensemble(trials: Sequence[TrialRecord], members: int, compute: Compute
     """Draw and evaluate the members of one arm x seed (see the module docstring)."""
     from hypersweep.workers.ensemble import evaluate_weights, sample_members
     sources = member_sources(trials, members, sample_seed)
-    drawn = compute.map(sample_members, [(t.config, t.checkpoint(), k, s) for t, k, s in sources])
+    try:
+        drawn = compute.map(sample_members, [(t.config, t.checkpoint(), k, s) for t, k, s in sources])
+    except ValueError as e:  # a checkpoint that is not one (through Ray: a RayTaskError that is a ValueError)
+        raise EnsembleError(str(getattr(e, "cause", None) or e).splitlines()[-1]) from None
     weights = np.concatenate([d["weights"] for d in drawn])
     log_std = np.concatenate([d["log_noise_std"] for d in drawn])
     rows = []
@@ -141,7 +145,7 @@ def distill(ens: Ensemble, out: Folder, compute: Compute) -> dict[str, dict[str,
             torch.save({"weights": torch.from_numpy(np.array(r["weights"])), **spec, "config": ens.config,
                         "kind": kind, "members": len(ens.members)}, local)
         summary[kind] = {"val": r["val"], "test": r["test"]}
-    out.write_json("distill.json", summary)
+    out.write_json(DISTILL_FILE, summary)
     return summary
 
 
@@ -239,7 +243,7 @@ def collected(study: StudyDir) -> dict[tuple[str, int], dict[str, float]]:
         if saved is None:
             continue
         ens = Ensemble([{}] * saved["members"], np.zeros((0, 0)), np.zeros(0), {}, saved["metrics"])
-        distilled = folder.read_json("distill.json")
+        distilled = folder.read_json(DISTILL_FILE)
         out[(saved["arm"], saved["seed_index"])] = headline(ens, distilled)
     return out
 

@@ -32,9 +32,9 @@ from hypersweep.orchestrator.budget import Clock
 from hypersweep.orchestrator.planning import ArmSeed, plan
 from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
-from hypersweep.orchestrator.study import Study, StudyError, parse_study
+from hypersweep.orchestrator.study import Study, StudyError, decode_study, load_yaml, parse_study
 from hypersweep.orchestrator.studydir import StudyDir, Unwritable
-from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, swap_id, without_placeholders
+from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, choose_store, swap_id, without_placeholders
 from hypersweep.orchestrator.tune_run import INTERRUPTED, request_stop
 
 HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
@@ -250,12 +250,9 @@ def load_study_dir(study_dir: StudyDir, budget_s: float | None = None) -> Study:
     longer validates. `budget_s` may extend the recorded budget, never shorten it."""
     if not study_dir.is_study():
         raise StudyError(f"{study_dir}: not a study directory (no {StudyDir.STUDY})")
-    import yaml
-    try:
-        raw = yaml.safe_load(study_dir.study_yaml())
-    except yaml.YAMLError as e:
-        raise StudyError(f"{study_dir}/{StudyDir.STUDY}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    study = parse_study(raw, f"{study_dir}/{StudyDir.STUDY}")
+    source = f"{study_dir}/{StudyDir.STUDY}"
+    raw = load_yaml(decode_study(study_dir.read_bytes(StudyDir.STUDY), source), source)
+    study = parse_study(raw, source)
     if budget_s is not None and budget_s != study.budget.seconds:
         if budget_s < study.budget.seconds:
             raise StudyError(f"--budget-s {budget_s:g}: smaller than the study's recorded budget of "
@@ -307,10 +304,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
                 s.best_row, s.best_val_loss = row, row["val_loss"]
 
     runs = study_dir.runs()
-    uri = tracking_uri or runs.get("tracking_uri")
-    if not uri:
-        from hypersweep.orchestrator.tracking import resolve_tracking_uri
-        uri = resolve_tracking_uri(None, study.tracking.uri)
+    uri, why_not = choose_store(runs.get("tracking_uri") or study.tracking.uri, tracking_uri)
+    if uri is None:
+        raise StudyError(f"{study_dir}: {why_not}")
     tracker = Tracker(uri, study.tracking.experiment or study.name)
     if outbox:
         sent = send_outbox(study_dir, tracker, runs, outbox)

@@ -120,7 +120,7 @@ def _check_replay(study, i: int, fail: Callable[[str, str], None]) -> None:
     if source is None or source.method != "stn":
         stn_arms = ", ".join(n for n, a in earlier.items() if a.method == "stn")
         fail(f"arms[{i}].search.replay", f"{arm.replay!r} is not an stn arm listed before this one"
-             f"{'; stn arms: ' + stn_arms if earlier else ''}")
+             f"{'; stn arms before it: ' + stn_arms if stn_arms else ''}")
     if arm.method != "sgd":
         fail(f"arms[{i}].method", f"a replayed schedule trains 'sgd', got {arm.method!r}")
     tuned = source.params.get("tune", "dropout,input_noise")

@@ -2,12 +2,18 @@
 
 Every problem is one `StudyError` line naming the file and the key (`arms[1].space.lr: ...`);
 the CLI turns it into exit code 2 before anything is created.
+
+A study file is read within bounds before anything is expanded from it: at most
+`MAX_FILE_BYTES` of UTF-8, YAML nested at most `MAX_DEPTH` deep with at most `MAX_ALIASES`
+aliases and `MAX_VALUES` values once they are expanded, no key given twice; every count and
+size in it has an upper bound (the largest real study is far below each), and an error quotes
+at most `MAX_QUOTE` characters of what it names.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,29 +21,56 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hypersweep.orchestrator.searches import FORMS, SCHEDULERS, SEARCHES
 
 
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_ALIASES = 100
+MAX_VALUES = 100_000
+MAX_QUOTE = 80
+MAX_RUNS = 10_000  # arms x seeds
+MAX_SEED = 2 ** 63 - 1
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a directory and an MLflow name: at most 100 characters
+
+
 class StudyError(ValueError):
     """A study file (or an override) that cannot be run; the message is one line."""
 
+    def __init__(self, message: str):
+        message = " ".join(str(message).split())  # one line, whatever was quoted
+        super().__init__(message if len(message) <= 1000 else message[:997] + "...")
+
+
+def quote(value: Any) -> str:
+    """`repr(value)`, cut to MAX_QUOTE characters (a repr of a huge input must not fill a terminal)."""
+    if isinstance(value, (dict, list)) and _count(value, MAX_QUOTE) > MAX_QUOTE:
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE - 3] + "..."
+
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+Width = Annotated[int, Field(ge=1, le=65536)]
+Channels = Annotated[int, Field(ge=1, le=4096)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class DatasetConfig(_Frozen):
-    name: str
-    root: str | None = None  # data root for file-based sets (mnist, cifar10, uci:<name>)
+    name: str = Field(max_length=100)
+    root: str | None = Field(None, max_length=4096)  # data root for file-based sets (mnist, cifar10, uci:<name>)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored where the set has its own test split
 
 
 class ModelConfig(_Frozen):
     kind: Literal["mlp", "cnn", "resnet", "alexnet"] = "mlp"
-    hidden: list[int] = [400, 400]  # mlp
-    channels: list[int] = [32, 16]  # cnn
-    fc_hidden: int | None = Field(None, ge=1)  # cnn (default 8), alexnet (default 4096)
-    depth: int = Field(16, ge=10)  # resnet: 6n + 4 (WRN-depth-width)
-    width: int = Field(4, ge=1)  # resnet
-    norm_groups: int = Field(8, ge=1)  # resnet: GroupNorm groups
+    hidden: list[Width] = Field([400, 400], max_length=64)  # mlp
+    channels: list[Channels] = Field([32, 16], min_length=1, max_length=32)  # cnn
+    fc_hidden: int | None = Field(None, ge=1, le=65536)  # cnn (default 8), alexnet (default 4096)
+    depth: int = Field(16, ge=10, le=1000)  # resnet: 6n + 4 (WRN-depth-width)
+    width: int = Field(4, ge=1, le=64)  # resnet
+    norm_groups: int = Field(8, ge=1, le=1024)  # resnet: GroupNorm groups
 
     def target_options(self) -> dict[str, Any]:
         if self.kind == "mlp":
@@ -50,26 +83,27 @@ class ModelConfig(_Frozen):
 
 
 class EnsembleConfig(_Frozen):
-    members: int = Field(ge=2)  # samples of a generative method; best independent trials otherwise
+    members: int = Field(ge=2, le=10_000)  # samples of a generative method; best independent trials otherwise
     distill: Literal["polyak", "none"] = "polyak"
     # the generator of a generative method's member samples; default: the repetition's
     # ensemble seed (methods/seeding.py), so each repetition draws its own members
-    sample_seed: int | None = None
+    sample_seed: Seed | None = None
 
 
 class ArmConfig(_Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    method: str
-    search: str = "fixed"  # a name in searches.SEARCHES
-    replay: str | None = None  # search 'replay': the STN arm whose learned schedule this arm trains with
-    params: dict[str, Any] = {}  # fixed hyperparameter values
-    space: dict[str, dict[str, list[Any]]] = {}  # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
+    name: str = Field(pattern=NAME)
+    method: str = Field(max_length=100)
+    search: str = Field("fixed", max_length=100)  # a name in searches.SEARCHES
+    replay: str | None = Field(None, max_length=100)  # search 'replay': the STN arm whose learned schedule this arm trains with
+    params: dict[str, Any] = Field({}, max_length=64)  # fixed hyperparameter values
+    # searched ones: {lr: {loguniform: [1e-3, 0.3]}}
+    space: dict[str, dict[str, Annotated[list[Any], Field(max_length=10_000)]]] = Field({}, max_length=64)
     # trials for random search; repeats of the grid; independent replicas of a fixed arm
-    num_samples: int = Field(1, ge=1)
-    scheduler: str = "none"  # a name in searches.SCHEDULERS: asha (early stopping), pbt (population based training)
+    num_samples: int = Field(1, ge=1, le=100_000)
+    scheduler: str = Field("none", max_length=100)  # a name in searches.SCHEDULERS: asha (early stopping), pbt
     scheduler_options: dict[str, float] = {}  # the scheduler's options (searches.SCHEDULERS), e.g. asha's grace_period
     ensemble: EnsembleConfig | None = None  # at the end of each arm x seed: ensemble (and distil)
-    max_epochs: int | None = Field(None, ge=1)  # per trial; default training.max_epochs
+    max_epochs: int | None = Field(None, ge=1, le=1_000_000)  # per trial; default training.max_epochs
 
     @model_validator(mode="before")
     @classmethod
@@ -84,35 +118,37 @@ class ArmConfig(_Frozen):
 
 
 class BudgetConfig(_Frozen):
-    seconds: float = Field(gt=0)  # wall clock per arm x seed, setup included
-    workers: int = Field(1, ge=1)  # concurrent trial slots
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU
+    seconds: float = Field(gt=0, le=366 * 86400)  # wall clock per arm x seed, setup included
+    workers: int = Field(1, ge=1, le=4096)  # concurrent trial slots
+    cpus_per_worker: float = Field(1.0, ge=0.01, le=1024)  # (Ray's resources have 1e-4 granularity)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)  # fractions share a GPU
     # sequential: arms one after another, each on all worker slots; concurrent: the arms of a
     # repetition at the same time, each on workers / arms slots
     schedule: Literal["sequential", "concurrent"] = "sequential"
 
 
 class TrainingConfig(_Frozen):
-    max_epochs: int = Field(100, ge=1)  # per trial
-    epochs_per_step: int = Field(1, ge=1)  # epochs between two reports
-    checkpoint_every: int = Field(10, ge=1)  # reports between two checkpoints
-    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died, from its last checkpoint
-    device: str = "auto"
+    max_epochs: int = Field(100, ge=1, le=1_000_000)  # per trial
+    epochs_per_step: int = Field(1, ge=1, le=1_000_000)  # epochs between two reports
+    checkpoint_every: int = Field(10, ge=1, le=1_000_000)  # reports between two checkpoints
+    max_failures: int = Field(2, ge=0, le=100)  # retries of a trial whose worker died, from its last checkpoint
+    # auto: a GPU when Ray assigned one (budget.gpus_per_worker), else the CPU
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
 
 class TrackingConfig(_Frozen):
-    uri: str | None = None  # MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str | None = None  # default: the study's name
+    # MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    uri: str | None = Field(None, max_length=2048)
+    experiment: str | None = Field(None, min_length=1, max_length=250)  # default: the study's name
 
 
 class Study(_Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0  # master seed; repetitions get child seeds from it
-    seeds: int = Field(1, ge=1)  # repetitions of every arm
+    name: str = Field(pattern=NAME)
+    seed: Seed = 0  # master seed; repetitions get child seeds from it
+    seeds: int = Field(1, ge=1, le=1000)  # repetitions of every arm
     dataset: DatasetConfig
     model: ModelConfig = ModelConfig()
-    arms: list[ArmConfig] = Field(min_length=1)
+    arms: list[ArmConfig] = Field(min_length=1, max_length=100)
     budget: BudgetConfig
     training: TrainingConfig = TrainingConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -121,8 +157,46 @@ class Study(_Frozen):
         return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False)
 
 
+class _TooBig(yaml.YAMLError):
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` as a string; read it as the float everyone means."""
+    """Safe YAML within bounds (see the module): nesting and aliases are counted as the
+    document is composed, a key given twice in one mapping is an error (YAML says keys are
+    unique; PyYAML lets the last one win). YAML 1.1 reads `1e-3` as a string: read it as the
+    float everyone means."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _TooBig(f"more than {MAX_ALIASES} aliases", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooBig(f"nested more than {MAX_DEPTH} deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise _TooBig(f"key {quote(key)} given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -139,15 +213,34 @@ def _where(loc) -> str:
     return out or "(top level)"
 
 
+def _count(value: Any, limit: int) -> int:
+    """How many values `value` holds once its aliases are expanded, counting up to `limit` + 1."""
+    n, stack = 0, [value]
+    while stack and n <= limit:
+        v = stack.pop()
+        n += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
+
+
 def parse_study(raw: Any, source: str = "<study>", overrides: dict[str, Any] | None = None) -> Study:
     """Validate a mapping (from YAML) into a Study; `overrides` are dotted keys (`budget.seconds`)."""
     if not isinstance(raw, dict):
         raise StudyError(f"{source}: expected a mapping of study keys, got {type(raw).__name__}")
+    if _count(raw, MAX_VALUES) > MAX_VALUES:
+        raise StudyError(f"{source}: more than {MAX_VALUES} values (aliases expanded); a study file is far smaller")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise StudyError(f"{source}: {'.'.join(parents[:depth + 1])}: is {quote(node)}, not a mapping; "
+                                 f"cannot set {dotted}")
         node[leaf] = value
     try:
         study = Study.model_validate(raw)
@@ -160,25 +253,53 @@ def parse_study(raw: Any, source: str = "<study>", overrides: dict[str, Any] | N
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and err["type"].endswith("_type"):
-            msg = f"{msg}, got {err['input']!r}"
+            msg = f"{msg}, got {quote(err['input'])}"
+        elif err["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
+            msg = (f"expected 1-100 letters, digits, '_', '.', '-' (not starting with one of the last three), "
+                   f"got {quote(err.get('input'))}")
+        elif err["type"] in ("finite_number", "greater_than", "less_than_equal", "greater_than_equal", "less_than",
+                             "too_long", "too_short", "string_pattern_mismatch") and "input" in err:
+            msg = f"{msg}, got {quote(err['input'])}"
         raise StudyError(f"{source}: {_where(loc)}: {msg}") from None
     _check_semantics(study, source)
     return study
 
 
-def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
+def read_study_text(path: str | Path) -> str:
+    """The text of a study file: at most MAX_FILE_BYTES of UTF-8 (StudyError otherwise)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise StudyError(f"{path}: cannot read the study file ({e.strerror})") from None
+    return decode_study(data, str(path))
+
+
+def decode_study(data: bytes, source: str) -> str:
+    """A study file's bytes as text: at most MAX_FILE_BYTES of UTF-8 (StudyError otherwise)."""
+    if len(data) > MAX_FILE_BYTES:
+        raise StudyError(f"{source}: larger than {MAX_FILE_BYTES >> 20} MiB; a study file is a page of YAML")
     try:
-        raw = yaml.load(text, Loader=_Loader)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StudyError(f"{source}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML within the bounds of the module docstring; StudyError naming the line otherwise."""
+    try:
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise StudyError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return parse_study(raw, str(path), overrides)
+        raise StudyError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:  # (the composer counts depth; this is the constructor's last line of defence)
+        raise StudyError(f"{source}: not valid YAML: nested too deep") from None
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
+    return parse_study(load_yaml(read_study_text(path), str(path)), str(path), overrides)
 
 
 def _check_semantics(study: Study, source: str) -> None:
@@ -193,6 +314,9 @@ def _check_semantics(study: Study, source: str) -> None:
         check_name(study.dataset.name)
     except ValueError as e:
         fail("dataset.name", str(e))
+    runs = len(study.arms) * study.seeds
+    if runs > MAX_RUNS:
+        fail("seeds", f"{len(study.arms)} arms x {study.seeds} seeds = {runs} runs; at most {MAX_RUNS}")
     if study.model.kind == "resnet" and (study.model.depth - 4) % 6:
         fail("model.depth", f"a resnet's depth is 6n + 4 (10, 16, 22, 28, ...), got {study.model.depth}")
     if study.budget.schedule == "concurrent":

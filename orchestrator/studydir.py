@@ -59,6 +59,11 @@ class Unwritable(OSError):
     study stops, with what it had written before intact (every write is atomic)."""
 
 
+class CorruptFile(ValueError):
+    """A file of a study directory that cannot be read as what it should be (cut, edited,
+    foreign); the message is one line naming it."""
+
+
 def _unwritable(full: str, err: OSError) -> Unwritable:
     reason = os.strerror(err.errno) if err.errno else str(err)
     return Unwritable(err.errno, f"cannot write {full}: {reason}")
@@ -136,15 +141,32 @@ class Folder:
             return f.read()
 
     def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode()
+        try:
+            return self.read_bytes(rel).decode()
+        except UnicodeDecodeError as e:
+            raise CorruptFile(f"{self._full(rel)}: not UTF-8 text (offset {e.start})") from None
 
-    def read_json(self, rel: str, default: Any = None) -> Any:
-        return json.loads(self.read_text(rel)) if self.is_file(rel) else default
+    def read_json(self, rel: str, default: Any = None, kind: type | None = None) -> Any:
+        """The JSON in `rel` (`default` when there is none); CorruptFile when it is not JSON, or
+        not a `kind` (dict, list) when one is asked for."""
+        if not self.is_file(rel):
+            return default
+        try:
+            value = json.loads(self.read_text(rel))
+        except ValueError as e:
+            raise CorruptFile(f"{self._full(rel)}: not valid JSON ({e})") from None
+        if kind is not None and not isinstance(value, kind):
+            raise CorruptFile(f"{self._full(rel)}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                              f"got {type(value).__name__}")
+        return value
 
     def read_table(self, rel: str) -> pd.DataFrame | None:
         if not self.is_file(rel):
             return None
-        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+        try:
+            return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+        except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError), a cut file
+            raise CorruptFile(f"{self._full(rel)}: not a readable Parquet table ({type(e).__name__})") from None
 
     # -- writing, atomically -----------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> str:
@@ -251,17 +273,26 @@ class StudyDir(Folder):
         return self.read_text(self.STUDY)
 
     def study_dict(self) -> dict[str, Any]:
-        import yaml
-        return yaml.safe_load(self.study_yaml())
+        """The study file, validated again (CorruptFile naming it, when it no longer is a study)."""
+        from hypersweep.orchestrator.study import StudyError, decode_study, load_yaml, parse_study
+        source = self._full(self.STUDY)
+        try:
+            return parse_study(load_yaml(decode_study(self.read_bytes(self.STUDY), source), source),
+                               source).model_dump(mode="python")
+        except StudyError as e:
+            raise CorruptFile(str(e)) from None
 
     def runs(self) -> dict[str, Any]:
-        return self.read_json(self.RUNS, {})
+        return self.read_json(self.RUNS, {}, kind=dict)
 
     def write_runs(self, runs: dict[str, Any]) -> None:
         self.write_json(self.RUNS, runs)
 
     def arms(self) -> dict[str, Any]:
-        return self.read_json(self.ARMS, {})
+        arms = self.read_json(self.ARMS, {}, kind=dict)
+        if not all(isinstance(a, dict) and {"status", "wall_time_used_s"} <= set(a) for a in arms.values()):
+            raise CorruptFile(f"{self._full(self.ARMS)}: not the arms of a study (status, wall time per arm x seed)")
+        return arms
 
     def write_arms(self, arms: dict[str, Any]) -> None:
         self.write_json(self.ARMS, arms)

@@ -109,6 +109,37 @@ def resolve_tracking_uri(flag: str | None = None, study_uri: str | None = None) 
     return uri
 
 
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (sqlite, a file store): writing there sends nothing out."""
+    from urllib.parse import urlparse
+    scheme = urlparse(uri).scheme.lower()
+    return scheme in ("", "sqlite", "file") or len(scheme) == 1  # (a Windows drive letter)
+
+
+def choose_store(recorded: str | None, flag: str | None) -> tuple[str | None, str | None]:
+    """Where records of an existing study go: (uri, None), or (None, why not). The user names
+    the store (--tracking-uri, MLFLOW_TRACKING_URI); a store a study directory's own files name
+    (runs.json, trial.json, an ensemble's metadata) is used only when it is on this machine or
+    the user named the same: a planted server address is never contacted."""
+    if flag:
+        return resolve_tracking_uri(flag), None
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if not recorded:
+        return resolve_tracking_uri(None), None
+    if (env and resolve_tracking_uri(env) == recorded) or is_local_store(recorded):
+        return recorded, None
+    return None, (f"the study's files name MLflow at {recorded}; records go to a server only when you name it: "
+                  f"--tracking-uri {recorded}")
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database
+    (mlartifacts/), not in ./mlruns of whatever directory the command ran in."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -245,7 +276,8 @@ class Tracker:
             exp = self._read(lambda: client.get_experiment_by_name(experiment), f"experiment {experiment!r}",
                              read_wait_s, drain=False)
             self.experiment_id = exp.experiment_id if exp else self._read(
-                lambda: client.create_experiment(experiment), f"experiment {experiment!r}", read_wait_s, drain=False)
+                lambda: client.create_experiment(experiment, artifact_location=artifact_root(uri)),
+                f"experiment {experiment!r}", read_wait_s, drain=False)
         atexit.register(_close_at_exit, weakref.ref(self))  # `compare`, `ensemble`: no run ends their queue
 
     # -- placeholders ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.studydir import CorruptFile, Folder, StudyDir
 
 TRIAL_FILE = "trial.json"
 
@@ -64,7 +64,11 @@ def write_trial_records(trial_folders: dict[str, tuple[Folder, dict[str, Any]]],
 
 
 def _read_record(folder: Folder) -> TrialRecord:
-    return TrialRecord(folder=folder, **folder.read_json(TRIAL_FILE))
+    data = folder.read_json(TRIAL_FILE, kind=dict)
+    try:
+        return TrialRecord(folder=folder, **data)
+    except TypeError as e:  # keys a trial record does not have, or lacks
+        raise CorruptFile(f"{folder}/{TRIAL_FILE}: not a trial record written by hypersweep ({e})") from None
 
 
 def find_trials(location: Folder) -> list[TrialRecord]:

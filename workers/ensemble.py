@@ -4,6 +4,7 @@ Inputs and outputs are plain dicts and numpy arrays, so they travel through Ray 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,14 @@ def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int, 
     the regression noise scale of each."""
     device = worker_device(config.get("device", "auto"))
     _, target, method = build_method(config, device)
-    with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=True)
-    method.load_state_dict(state)
+    try:
+        with checkpoint.as_directory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch's note on a foreign pickle protocol: the error below says it)
+            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=True)
+        method.load_state_dict(state)
+    except Exception as e:  # cut, edited or foreign (a pickle payload is refused by weights_only): one line
+        raise ValueError(f"{checkpoint.path}/{CHECKPOINT_FILE}: not a checkpoint of this trial written by "
+                         f"hypersweep ({type(e).__name__})") from None
     with torch.no_grad():
         if method.generative:
             weights = method.sample_weights(k, torch.Generator(device=device).manual_seed(sample_seed))
