@@ -35,7 +35,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("study_file")
-def validate(study_file: str) -> None:
+@click.option("--data-root", help="Override dataset.root for file-based data sets (as run takes it).")
+def validate(study_file: str, data_root: str | None) -> None:
     """Check a study file without running anything.
 
     \b
@@ -46,7 +47,7 @@ def validate(study_file: str) -> None:
     from hypersweep.orchestrator.planning import plan
     from hypersweep.orchestrator.study import StudyError, load_study
     try:
-        study = load_study(study_file)
+        study = load_study(study_file, {"dataset.root": data_root} if data_root else None)
         check_available(study.dataset.name, study.dataset.root)  # what `run` needs first: the data files
     except StudyError as e:
         _bad_input(str(e))
@@ -100,8 +101,9 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
         _bad_input(f"{study_file}: dataset: {e}")
     from hypersweep.orchestrator.runner import default_study_dir, run_study
     from hypersweep.orchestrator.tracking import resolve_tracking_uri
-    target = _study_dir(study_dir or default_study_dir(study), "--study-dir")
-    link = target.local_path is not None and os.path.islink(target.local_path)  # a dangling one too
+    location = str(study_dir or default_study_dir(study))
+    target = _study_dir(location, "--study-dir")
+    link = "://" not in location and os.path.islink(os.path.expanduser(location))  # a dangling one too
     if target.exists() or link:
         _bad_input(f"--study-dir {target} already exists{' (a symbolic link)' if link else ''}; records are never "
                    "overwritten, choose a new directory")

@@ -121,13 +121,14 @@ def read_ensemble(folder: Folder, file: str = ENSEMBLE_FILE) -> tuple[Ensemble, 
     try:
         table = pq.read_table(io.BytesIO(folder.read_bytes(file)))
         meta = json.loads(table.schema.metadata[b"hypersweep"])
+        weights = np.stack(table.column("weights").to_numpy(zero_copy_only=False)).astype(np.float32)
+        log_std = table.column("log_noise_std").to_numpy()
+        rows = table.drop_columns(["weights", "log_noise_std"]).to_pylist()
+        config = meta.pop("config")
     except Exception as e:  # a truncated or foreign file: say which, in one line
         raise EnsembleError(f"{folder}/{file}: not an ensemble table written by hypersweep "
                             f"({type(e).__name__})") from None
-    weights = np.stack(table.column("weights").to_numpy(zero_copy_only=False)).astype(np.float32)
-    log_std = table.column("log_noise_std").to_numpy()
-    rows = table.drop_columns(["weights", "log_noise_std"]).to_pylist()
-    ens = Ensemble(rows, weights, log_std, meta.pop("config"))
+    ens = Ensemble(rows, weights, log_std, config)
     ens.metrics = folder.read_json("ensemble.json", {}).get("metrics", {})
     return ens, meta
 

@@ -181,7 +181,7 @@ def corpus() -> list[tuple[str, bytes, str]]:
 
 
 DRIVER = r"""
-import json, resource, sys, time
+import json, re, sys, time
 from click.testing import CliRunner
 from hypersweep.orchestrator.cli import main
 out = []
@@ -191,7 +191,9 @@ for path in sys.argv[1:]:
     out.append({"path": path, "exit": r.exit_code, "stderr": r.stderr, "stdout": r.stdout,
                 "exception": None if isinstance(r.exception, SystemExit) or r.exception is None else repr(r.exception),
                 "seconds": time.monotonic() - t})
-print(json.dumps({"cases": out, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# this process's own peak (ru_maxrss would carry the forking pytest process's across exec)
+peak_kb = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+print(json.dumps({"cases": out, "maxrss_mb": peak_kb / 1024}))
 """
 
 

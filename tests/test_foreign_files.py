@@ -4,7 +4,6 @@ not write into the original's MLflow runs, a corrupt file is one line and exit 2
 already written is overwritten."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import threading
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
