@@ -212,6 +212,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     assert math.isclose(yaml.safe_load((broken / "study.yaml").read_text())["budget"]["seconds"], BUDGET_S)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_during_an_arms_ensemble(tmp_path):
     """Killed while the first arm draws its ensemble (its training over): the resume finishes
     that arm's end records once, without training it again, then the rest of the study."""
@@ -249,6 +250,7 @@ def test_resume_after_sigkill_during_an_arms_ensemble(tmp_path):
     assert len(arm_runs) == 2 and all(r.data.metrics["ensemble.members"] == 2 for r in arm_runs)
 
 
+@pytest.mark.slow
 def test_a_longer_budget_extends_the_arms_that_ran_out_of_it(tmp_path):
     """`resume --budget-s` on a finished study: the arm whose trials the budget cut goes on from
     their checkpoints to the new budget (its wall time charged in full: old + new part); the arm

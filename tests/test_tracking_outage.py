@@ -554,6 +554,7 @@ def test_study_survives_a_server_restart(tmp_path, ray_session, monkeypatch):
         server.kill()
 
 
+@pytest.mark.slow
 def test_records_the_store_never_got_are_sent_by_resume(tmp_path, ray_session, monkeypatch):
     """The server dies mid-study and is not back by its end: the study finishes, keeps what
     MLflow did not take in its outbox, and `resume` sends it once the server is back."""

@@ -215,6 +215,7 @@ def test_a_tune_state_cut_by_a_full_disk_is_told_apart(tmp_path):
     assert unreadable_state(Folder(exp)) is None
 
 
+@pytest.mark.slow
 def test_sigterm_during_concurrent_arms_stops_them_and_resume_finishes(tmp_path):
     """With the concurrent schedule the arms' Tune experiments run in Ray tasks: a stop ends
     them at once (as a crash would, each restorable), not at the end of their budgets."""
