@@ -32,7 +32,7 @@ from hypersweep.orchestrator.budget import Clock
 from hypersweep.orchestrator.planning import ArmSeed, plan
 from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
-from hypersweep.orchestrator.study import Study, StudyError, decode_study, load_yaml, parse_study
+from hypersweep.orchestrator.study import MAX_FILE_BYTES, Study, StudyError, decode_study, load_yaml, parse_study
 from hypersweep.orchestrator.studydir import StudyDir, Unwritable
 from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, choose_store, swap_id, without_placeholders
 from hypersweep.orchestrator.tune_run import INTERRUPTED, request_stop
@@ -251,7 +251,7 @@ def load_study_dir(study_dir: StudyDir, budget_s: float | None = None) -> Study:
     if not study_dir.is_study():
         raise StudyError(f"{study_dir}: not a study directory (no {StudyDir.STUDY})")
     source = f"{study_dir}/{StudyDir.STUDY}"
-    raw = load_yaml(decode_study(study_dir.read_bytes(StudyDir.STUDY), source), source)
+    raw = load_yaml(decode_study(study_dir.read_bytes(StudyDir.STUDY, MAX_FILE_BYTES), source), source)
     study = parse_study(raw, source)
     if budget_s is not None and budget_s != study.budget.seconds:
         if budget_s < study.budget.seconds:

@@ -136,9 +136,10 @@ class Folder:
             raise _unwritable(self._full(rel), err) from err
 
     # -- reading ---------------------------------------------------------------------------
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The file's bytes; with `limit`, at most limit + 1 of them (the caller tells "too big")."""
         with self.fs.open_input_stream(self._full(rel)) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
 
     def read_text(self, rel: str) -> str:
         try:
@@ -274,10 +275,10 @@ class StudyDir(Folder):
 
     def study_dict(self) -> dict[str, Any]:
         """The study file, validated again (CorruptFile naming it, when it no longer is a study)."""
-        from hypersweep.orchestrator.study import StudyError, decode_study, load_yaml, parse_study
+        from hypersweep.orchestrator.study import MAX_FILE_BYTES, StudyError, decode_study, load_yaml, parse_study
         source = self._full(self.STUDY)
         try:
-            return parse_study(load_yaml(decode_study(self.read_bytes(self.STUDY), source), source),
+            return parse_study(load_yaml(decode_study(self.read_bytes(self.STUDY, MAX_FILE_BYTES), source), source),
                                source).model_dump(mode="python")
         except StudyError as e:
             raise CorruptFile(str(e)) from None

@@ -241,3 +241,11 @@ def test_a_corrupt_file_is_one_line_and_exit_2(study, tmp_path, what, command, s
     assert code == 2 and len(err) == 1 and says in err[0], err
     assert not (sd / "PWNED").exists()
     assert not (tmp_path / "ens").exists() and not (tmp_path / "d").exists()  # nothing written
+
+
+def test_an_oversized_study_file_in_a_study_dir_is_not_read_whole(tmp_path):
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "study.yaml").write_text("name: x\n" + "#" * (2 << 20))
+    code, err = _invoke("resume", str(sd), "--no-live")
+    assert code == 2 and err == [f"hypersweep: error: {sd}/study.yaml: larger than 1 MiB; a study file is a page of YAML"]
