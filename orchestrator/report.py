@@ -167,4 +167,4 @@ def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool
 def load_study_records(study_dir: StudyDir) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
     """Results rows (the parts written so far, those of running arms included), arms.json,
     study.yaml."""
-    return study_dir.results(), study_dir.arms(), study_dir.study_dict()
+    return study_dir.results(), study_dir.arms(), study_dir.study_dict(validated=True)

@@ -273,15 +273,20 @@ class StudyDir(Folder):
     def study_yaml(self) -> str:
         return self.read_text(self.STUDY)
 
-    def study_dict(self) -> dict[str, Any]:
-        """The study file, validated again (CorruptFile naming it, when it no longer is a study)."""
+    def study_dict(self, validated: bool = False) -> dict[str, Any]:
+        """The study file as a mapping, read within the bounds of a study file; `validated`:
+        checked as a study again. CorruptFile naming it when it is not (any more)."""
         from hypersweep.orchestrator.study import MAX_FILE_BYTES, StudyError, decode_study, load_yaml, parse_study
         source = self._full(self.STUDY)
         try:
-            return parse_study(load_yaml(decode_study(self.read_bytes(self.STUDY, MAX_FILE_BYTES), source), source),
-                               source).model_dump(mode="python")
+            raw = load_yaml(decode_study(self.read_bytes(self.STUDY, MAX_FILE_BYTES), source), source)
+            if validated:
+                return parse_study(raw, source).model_dump(mode="python")
         except StudyError as e:
             raise CorruptFile(str(e)) from None
+        if not isinstance(raw, dict):
+            raise CorruptFile(f"{source}: expected a mapping of study keys, got {type(raw).__name__}")
+        return raw
 
     def runs(self) -> dict[str, Any]:
         return self.read_json(self.RUNS, {}, kind=dict)

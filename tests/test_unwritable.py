@@ -101,14 +101,15 @@ def test_a_failed_write_keeps_the_old_file_and_a_cut_journal_line_is_mended(tmp_
     state = {"full": False}
     sd = StudyDir(str(tmp_path / "sd"), pafs.PyFileSystem(_Handler(state)))
     sd.create("name: x\n")
-    sd.write_json(StudyDir.ARMS, {"a": 1})
+    arms = {"a/seed0": {"status": "running", "wall_time_used_s": 1.0}}
+    sd.write_json(StudyDir.ARMS, arms)
     row = {"trial_id": "t1", "step": 1, "val_loss": 0.5}
     sd.append_journal("a", 0, [row])
     state["full"] = True
     with pytest.raises(Unwritable, match=r"cannot write .*arms\.json: No space left on device") as err:
-        sd.write_json(StudyDir.ARMS, {"a": 2})
+        sd.write_json(StudyDir.ARMS, {"a/seed0": {"status": "done", "wall_time_used_s": 2.0}})
     assert err.value.errno == errno.ENOSPC
-    assert sd.arms() == {"a": 1} and not [p for p in os.listdir(tmp_path / "sd") if p.endswith(".tmp")]
+    assert sd.arms() == arms and not [p for p in os.listdir(tmp_path / "sd") if p.endswith(".tmp")]
     with pytest.raises(Unwritable, match="No space left on device"):
         sd.append_journal("a", 0, [{**row, "step": 2}])
     assert sd.read_journal("a", 0) == [row]  # the cut line is not a report
