@@ -441,5 +441,103 @@ def distill_command(path, out, use_mlflow, tracking_uri) -> None:
     click.echo(f"written: {folder}")
 
 
+@main.group()
+def cluster() -> None:
+    """Start, inspect and stop a Ray cluster for studies, from a file in configs/cluster/
+    (Ray's cluster launcher: aws-gpu, gcp-gpu, onprem; kuberay.yaml is applied with kubectl).
+
+    \b
+    Example:
+      hypersweep cluster up configs/cluster/aws-gpu.yaml --dry-run
+      hypersweep cluster up configs/cluster/aws-gpu.yaml
+      hypersweep cluster down configs/cluster/aws-gpu.yaml
+    """
+
+
+def _cluster_file(path: str) -> dict:
+    """A launcher file, checked as `ray up` checks it (bad input: one line, exit 2)."""
+    import copy
+
+    from hypersweep.orchestrator.study import StudyError, load_yaml, read_study_text
+    try:
+        config = load_yaml(read_study_text(path), path)
+    except StudyError as e:
+        _bad_input(str(e).replace("study file", "cluster file"))
+    if isinstance(config, dict) and config.get("kind") == "RayCluster":
+        _bad_input(f"{path}: a KubeRay RayCluster manifest, not a launcher file: kubectl apply -f {path} "
+                   "(then kubectl port-forward svc/<name>-head-svc 8265:8265)")
+    import logging
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # (its INFO lines about filled-in defaults)
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+        validate_config(prepared)
+    except Exception as e:  # jsonschema's ValidationError, Ray's ValueError: the first line says it
+        where = ".".join(str(p) for p in getattr(e, "absolute_path", ()))
+        message = getattr(e, "message", None) or str(e)
+        _bad_input(f"{path}: {where + ': ' if where else ''}{message.splitlines()[0] if message else type(e).__name__}")
+    return prepared
+
+
+def _ray_cli(*args: str) -> None:
+    """Ray's cluster launcher CLI, its output streamed; a failure is one line naming it (exit 1)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args])
+    if r.returncode != 0:
+        click.echo(f"hypersweep: error: `ray {' '.join(args)}` failed (exit {r.returncode}); see its output above",
+                   err=True)
+        sys.exit(1)
+
+
+@cluster.command("up")
+@click.argument("cluster_file")
+@click.option("--dry-run", is_flag=True, help="Check the file and print what would be launched; start nothing.")
+def cluster_up(cluster_file: str, dry_run: bool) -> None:
+    """Start (or update) the cluster: `ray up`, after the same checks."""
+    config = _cluster_file(cluster_file)
+    if dry_run:
+        provider = config["provider"]
+        click.echo(f"cluster {config['cluster_name']!r} on {provider['type']}"
+                   f"{' ' + provider['region'] if provider.get('region') else ''}; head node type "
+                   f"{config['head_node_type']!r}")
+        for name, node in config["available_node_types"].items():
+            kind = node.get("node_config", {})
+            machine = kind.get("InstanceType") or kind.get("machineType") or "given machines"
+            click.echo(f"  {name}: {machine}, workers {node.get('min_workers', 0)}-{node.get('max_workers', 0)}, "
+                       f"resources {node.get('resources', {}) or 'detected'}")
+        for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+            click.echo(f"  {key}:")
+            for command in config.get(key, []):
+                click.echo(f"    {command}")
+        click.echo("nothing was started (--dry-run)")
+        return
+    _ray_cli("up", "-y", cluster_file)
+
+
+@cluster.command("down")
+@click.argument("cluster_file")
+def cluster_down(cluster_file: str) -> None:
+    """Stop the cluster and its nodes: `ray down`."""
+    _cluster_file(cluster_file)
+    _ray_cli("down", "-y", cluster_file)
+
+
+@cluster.command("status")
+@click.argument("cluster_file")
+def cluster_status(cluster_file: str) -> None:
+    """Nodes and resources of the running cluster (`ray status` on its head)."""
+    _cluster_file(cluster_file)
+    _ray_cli("exec", cluster_file, "ray status")
+
+
+@cluster.command("attach")
+@click.argument("cluster_file")
+def cluster_attach(cluster_file: str) -> None:
+    """A shell on the head node: `ray attach`."""
+    _cluster_file(cluster_file)
+    _ray_cli("attach", cluster_file)
+
+
 if __name__ == "__main__":
     main()
