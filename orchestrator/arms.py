@@ -71,7 +71,7 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
     each Tune experiment in its own Ray task; their events come back through queues to this
     process, still the only writer of records."""
     import ray
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     study = contexts[0].study
     workers = max(1, study.budget.workers // len(contexts))
@@ -92,27 +92,30 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
         ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue), **resume)
         running.append((recorder, queue, ref))
 
-    def drain(queue, recorder):
-        while True:
-            try:
-                recorder.handle(*queue.get_nowait())
-            except Empty:
-                return
-
     while running:
         if INTERRUPTED.is_set():  # SIGINT/SIGTERM or a full study directory: stop as a crash would
             _cancel(running)
             return
         for item in list(running):
             recorder, queue, ref = item
-            drain(queue, recorder)
+            _drain(queue, recorder)
             done, _ = ray.wait([ref], timeout=0.1)
             if done:
                 outcome = ray.get(ref)
-                drain(queue, recorder)
+                _drain(queue, recorder)
                 finish_arm(recorder, outcome)
                 ray.kill(queue.actor)
                 running.remove(item)
+
+
+def _drain(queue, recorder: Recorder) -> None:
+    """Hand the events an arm's Ray task has queued so far to its recorder."""
+    from ray.util.queue import Empty
+    while True:
+        try:
+            recorder.handle(*queue.get_nowait())
+        except Empty:
+            return
 
 
 def _cancel(running: list) -> None:
@@ -122,11 +125,7 @@ def _cancel(running: list) -> None:
     error = None
     for recorder, queue, ref in running:
         ray.cancel(ref, force=True)
-        try:
-            while True:
-                recorder.handle(*queue.get_nowait())
-        except Exception:  # queue empty (or gone with the task)
-            pass
+        _drain(queue, recorder)  # (the queue is an actor of its own: the task's end leaves it)
         try:
             finish_arm(recorder, None)
         except Unwritable as err:

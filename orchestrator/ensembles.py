@@ -276,7 +276,7 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
 def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: int = 0) -> None:
     tracker.log_metrics(run_id, metrics, step=step)
     tracker.flush()
-    for name in ("ensemble.parquet", "ensemble.json", "distill.json", "members.png", "distilled-raw.pt",
+    for name in (ENSEMBLE_FILE, "ensemble.json", DISTILL_FILE, "members.png", "distilled-raw.pt",
                  "distilled-gauge.pt"):
         if out.is_file(name):
             with out.reading(name) as local:

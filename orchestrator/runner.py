@@ -24,7 +24,7 @@ import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hypersweep.methods.data import task_of
 from hypersweep.orchestrator.arms import run_arm, run_concurrent
@@ -140,6 +140,15 @@ def default_study_dir(study: Study) -> Path:
     return Path("studies") / f"{study.name}-{stamp}"
 
 
+def keep_run_ids(study_dir: StudyDir, runs: dict[str, Any]) -> Callable[[str, str], None]:
+    """A Tracker.on_run_created callback: a run MLflow made late gets its id in runs.json in
+    place of the placeholder it was given."""
+    def made(placeholder: str, run_id: str) -> None:
+        if swap_id(runs, placeholder, run_id):
+            study_dir.write_runs(runs)
+    return made
+
+
 class StudyRecords:
     """runs.json and arms.json, written whenever they change (arms.json also every
     `HEARTBEAT_S` while an arm runs, with its wall time so far)."""
@@ -152,7 +161,7 @@ class StudyRecords:
         self.runs.setdefault("trials", {})
         self._beat = 0.0
         # runs started while MLflow was away hold placeholders until MLflow makes them
-        tracker.on_run_created(self._run_created)
+        tracker.on_run_created(keep_run_ids(study_dir, self.runs))
         tracker.replay_hint = (f"; they are kept in {study_dir}/{StudyDir.OUTBOX}, and `hypersweep resume "
                                f"{study_dir}` sends them once MLflow is back")
         # While MLflow is away its queue is copied into the study directory (every
@@ -176,10 +185,6 @@ class StudyRecords:
         elif self._outbox == "snapshot":
             self.study_dir.write_outbox([])
             self._outbox = "none"
-
-    def _run_created(self, placeholder: str, run_id: str) -> None:
-        if swap_id(self.runs, placeholder, run_id):
-            self.study_dir.write_runs(self.runs)
 
     @property
     def parent_run_id(self) -> str:
@@ -337,11 +342,7 @@ def send_outbox(study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any], rec
     """Send the MLflow records an earlier execution kept in the study directory; runs.json
     learns the ids of the runs they make. Returns how many were sent; raises
     TrackingUnavailable, keeping the rest, when MLflow does not take them all."""
-    def made(placeholder: str, run_id: str) -> None:
-        if swap_id(runs, placeholder, run_id):
-            study_dir.write_runs(runs)
-
-    tracker.on_run_created(made)
+    tracker.on_run_created(keep_run_ids(study_dir, runs))
     with study_dir.outbox_files(records) as local:
         left = tracker.send_unsent(local)
         study_dir.write_outbox(left)
@@ -406,14 +407,9 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
             with study_dir.reading(name) as local:
                 tracker.log_artifact(records.parent_run_id, local)
         tracker.end_run(records.parent_run_id, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
-    except (StudyInterrupted, KeyboardInterrupt):
-        for s in statuses:
-            if s.status == "running":
-                s.status = "interrupted"
-        records.write_arms()
-        tracker.end_all("KILLED")
-        raise StudyInterrupted() from None
-    except Unwritable:  # disk full, read-only...: stop; what is on disk stays as it was written
+    except (StudyInterrupted, KeyboardInterrupt, Unwritable) as stop:
+        # SIGINT/SIGTERM, or a study directory that stopped taking writes (disk full, read-only):
+        # the running arms are interrupted; what is on disk stays as it was written
         for s in statuses:
             if s.status == "running":
                 s.status = "interrupted"
@@ -422,7 +418,9 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
         except Unwritable:  # arms.json keeps its last heartbeat: `resume` takes that arm as interrupted
             pass
         tracker.end_all("KILLED")
-        raise
+        if isinstance(stop, Unwritable):
+            raise
+        raise StudyInterrupted() from None
     except BaseException:
         tracker.end_all("FAILED")
         raise

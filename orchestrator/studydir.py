@@ -384,10 +384,15 @@ class StudyDir(Folder):
         """Drop a last line cut by a crash or a full disk, before the journal is appended to
         again (the next report would otherwise join it, and both be lost)."""
         name = self.journal_name(arm, seed_index)
-        if self.is_file(name):
-            data = self.read_bytes(name)
-            if data and not data.endswith(b"\n"):
-                self.write_bytes(name, data[:data.rfind(b"\n") + 1])
+        info = self._info(name)
+        if info.type != pafs.FileType.File or not info.size:
+            return
+        with self.fs.open_input_file(self._full(name)) as f:  # the last byte only: whole lines end in one
+            f.seek(info.size - 1)
+            if f.read(1) == b"\n":
+                return
+        data = self.read_bytes(name)
+        self.write_bytes(name, data[:data.rfind(b"\n") + 1])
 
     def read_journal(self, arm: str, seed_index: int) -> list[dict[str, Any]]:
         """The journal's reports in arrival order, a report replayed after a restore (same

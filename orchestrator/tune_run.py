@@ -237,10 +237,10 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
             restore = False
         if restore:
             from ray.tune import ResumeConfig
-            again = ResumeConfig.ResumeType.RESUME
-            tuner = Tuner.restore(f"{storage_path}/{name}", trainable, storage_filesystem=storage_fs,
-                                  _resume_config=ResumeConfig(finished=again if extend else ResumeConfig.ResumeType.SKIP,
-                                                              unfinished=again, errored=ResumeConfig.ResumeType.SKIP))
+            resume, skip = ResumeConfig.ResumeType.RESUME, ResumeConfig.ResumeType.SKIP
+            tuner = Tuner.restore(experiment, trainable, storage_filesystem=storage_fs,
+                                  _resume_config=ResumeConfig(finished=resume if extend else skip, unfinished=resume,
+                                                              errored=skip))
         else:
             max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
             alg = searcher(unit)
