@@ -594,7 +594,8 @@ def test_records_the_store_never_got_are_sent_by_resume(tmp_path, ray_session, m
 
         server.start()
         t0 = time.monotonic()
-        result = cli.invoke(main, ["resume", str(sd), "--no-live"])
+        # (a server the study's files name is contacted only when the user names it too)
+        result = cli.invoke(main, ["resume", str(sd), "--tracking-uri", server.uri, "--no-live"])
         resume_s = time.monotonic() - t0
         assert result.exit_code == 0, result.output + str(result.exception)
         print(f"\nsent {len(kept)} kept records in {resume_s:.1f} s")
@@ -602,7 +603,7 @@ def test_records_the_store_never_got_are_sent_by_resume(tmp_path, ray_session, m
         assert not (sd / StudyDir.OUTBOX).exists()
         _check_records(sd, MlflowClient(server.uri))
 
-        result = cli.invoke(main, ["resume", str(sd), "--no-live"])
+        result = cli.invoke(main, ["resume", str(sd), "--tracking-uri", server.uri, "--no-live"])
         assert result.exit_code == 0 and "sent" not in result.output and "nothing to resume" in result.output
     finally:
         server.kill()
