@@ -56,6 +56,19 @@ class LiveArm:
     sink: Callable[..., None]
     workers: int
     running: set[str] = field(default_factory=set)  # trials started and not ended
+    # arm times: the first trial's start and the last trial's end (what came before and after
+    # them is Tune's and Ray's set-up and teardown, charged to the arm too)
+    first_start_s: float | None = None
+    last_end_s: float | None = None
+
+    def timeline(self) -> dict[str, float | None]:
+        """Where the arm's time went at its ends, in arm seconds: its budget, when this Tune run
+        started (after a resume: the time charged before), the first trial's start, the last
+        trial's end, and Tune's return (the time charged)."""
+        r = lambda x: None if x is None else round(x, 3)  # noqa: E731
+        return {"budget_s": self.budget.seconds, "tune_started_s": r(self.budget.used_s),
+                "first_trial_start_s": r(self.first_start_s),
+                "last_trial_end_s": r(self.last_end_s), "tune_returned_s": r(self.budget.elapsed())}
 
 
 _LIVE: dict[str, LiveArm] = {}
@@ -162,7 +175,10 @@ class TuneEvents(_Bound, tune.Callback):
                  arm.budget.elapsed())
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.arm.running.add(trial.trial_id)
+        arm = self.arm
+        arm.running.add(trial.trial_id)
+        if arm.first_start_s is None:
+            arm.first_start_s = arm.budget.elapsed()
         self._send("start", trial, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -170,12 +186,16 @@ class TuneEvents(_Bound, tune.Callback):
         self._send("result", trial, plain)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.arm.running.discard(trial.trial_id)
+        self._ended(trial)
         self._send("end", trial, not (trial.last_result or {}).get("diverged"))  # a diverged trial ends failed
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.arm.running.discard(trial.trial_id)
+        self._ended(trial)
         self._send("end", trial, False)
+
+    def _ended(self, trial) -> None:
+        self.arm.running.discard(trial.trial_id)
+        self.arm.last_end_s = self.arm.budget.elapsed()
 
     def on_step_end(self, iteration, trials, **info):
         self._send("tick", None, None)
@@ -262,7 +282,8 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                     failure_config=FailureConfig(max_failures=study.training.max_failures)),
             )
         grid = tuner.fit()
-        return {"errors": len(grid.errors), "used": budget.elapsed(), "interrupted": INTERRUPTED.is_set(),
+        return {"errors": len(grid.errors), "used": budget.elapsed(), "timeline": _LIVE[key].timeline(),
+                "interrupted": INTERRUPTED.is_set(),
                 "trials": {str(r.path).rstrip("/").rsplit("/", 1)[-1]: (str(r.path), r.config) for r in grid if r.path}}
     except Exception as e:  # the study goes on; the arm is marked failed with this message
         return {"errors": -1, "used": budget.elapsed(), "interrupted": INTERRUPTED.is_set(), "trials": {},
