@@ -168,6 +168,7 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
     unit, run_id, status = ctx.unit, ctx.run_id, ctx.status
     status.wall_time_used_s = outcome["used"] if outcome else status.elapsed_s
     status.timeline = (outcome or {}).get("timeline", status.timeline)
+    status.trial_resources = (outcome or {}).get("trial_resources", status.trial_resources)
     status.elapsed_s = status.wall_time_used_s
     if recorder.write_error is not None:  # the study directory took no more: stop like an interrupt
         status.status = "interrupted"

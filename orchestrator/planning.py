@@ -96,6 +96,23 @@ def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
     return schedule
 
 
+def one_trial(unit: ArmSeed) -> bool:
+    """Whether the arm x seed runs a single trial (stn, the hypernet methods, a fixed config)."""
+    return unit.arm.num_samples == 1 and not search_entry(unit.arm.search).crosses
+
+
+def trial_resources(study: Study, unit: ArmSeed, workers: int) -> dict[str, float]:
+    """Ray resources of one trial of the arm, which has `workers` slots. A search runs up to
+    `workers` trials at once, each on one slot (cpus_per_worker; a fraction of
+    gpus_per_worker packs trials on a GPU). A one-trial arm gets the arm's whole share instead
+    of one slot: workers x cpus_per_worker CPUs (its torch threads, workers/base.py) and, when
+    the study has GPUs, one whole GPU (a trial trains on one device)."""
+    b = study.budget
+    if not one_trial(unit):
+        return {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker}
+    return {"cpu": workers * b.cpus_per_worker, "gpu": 1.0 if b.gpus_per_worker > 0 else 0.0}
+
+
 def num_samples(unit: ArmSeed) -> int:
     """Tune's num_samples: replicas are a grid over `replica`, which Tune runs once."""
     return 1 if search_entry(unit.arm.search).replicas else unit.arm.num_samples

@@ -27,6 +27,7 @@ class ArmStatus:
     interruptions: int = 0  # times the coordinator died or was stopped while this arm ran
     trial_errors: int = 0  # trials that failed for good (after their retries)
     extensions: int = 0  # times `resume --budget-s` lengthened this arm after it had run out its budget
+    trial_resources: dict = field(default_factory=dict)  # Ray resources of each of its trials (planning.trial_resources)
     timeline: dict = field(default_factory=dict)  # the arm's last Tune run: where its time went (tune_run.LiveArm)
 
     @property

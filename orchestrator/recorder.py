@@ -26,6 +26,8 @@ from hypersweep.orchestrator.tracking import Tracker, flatten
 from hypersweep.orchestrator.tune_run import request_stop
 
 # Keys of a Tune result that are bookkeeping, not the method's metrics.
+# Where a report was made (workers/base.py placement(), Tune's node_ip): results columns, not metrics.
+PLACEMENT = ("device", "node_id", "node_ip", "torch_threads")
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
               "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total",
               "timesteps_since_restore", "done", "trial_id", "experiment_id", "date", "config", "checkpoint_dir_name",
@@ -128,12 +130,14 @@ class Recorder:
             "ensemble": max(tracker.last_step(c.run_id, key, default=-1)
                             for key in ("ensemble.members", "ensemble_time_s"))}
 
-    def _trial_run(self, trial_id: str, hp: dict) -> str:
+    def _trial_run(self, trial_id: str, hp: dict, where: dict | None = None) -> str:
+        """The trial's MLflow run, made at its first report (tagged with where it ran)."""
         if trial_id not in self.trial_runs:
             c, u = self.ctx, self.ctx.unit
+            placed = {k: v for k, v in (where or {}).items() if k in ("device", "node_ip")}
             run_id = self.tracker.start_run(
                 f"{u.arm.name}-seed{u.seed_index}-{trial_id}", parent_id=c.run_id,
-                tags=arm_tags(c.study, c.study_id, u, trial_id=trial_id, kind="trial"), params=hp)
+                tags=arm_tags(c.study, c.study_id, u, trial_id=trial_id, kind="trial", **placed), params=hp)
             self.trial_runs[trial_id] = run_id
             if c.records is not None:
                 c.records.trial_run(u, trial_id, run_id)
@@ -173,16 +177,17 @@ class Recorder:
             return  # replayed by a restored trial, or nothing trained since the last report
         self.seen.add((trial_id, step))
         metrics = {k: v for k, v in result.items()
-                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if k not in _TUNE_KEYS and k not in PLACEMENT and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        where = {k: result[k] for k in PLACEMENT if k in result}
         row = {"study_id": c.study_id, "arm": u.arm.name, "method": u.arm.method, "search": u.arm.search,
                "dataset": c.study.dataset.name, "seed_index": u.seed_index, "seed": u.seed,
-               "trial_id": trial_id, "step": step, "arm_time_s": arm_time, **metrics,
+               "trial_id": trial_id, "step": step, "arm_time_s": arm_time, **metrics, **where,
                **{f"hp_{k}": v for k, v in flatten(hp).items()}}
         self.study_dir.append_journal(u.arm.name, u.seed_index, [row])  # before anything else
         self.rows.append(row)
         if time.monotonic() - self._last_part >= PART_EVERY_S:  # `compare` on a running study sees this arm
             self.write_part()
-        self.tracker.log_metrics(self._trial_run(trial_id, hp), {**metrics, "arm_time_s": arm_time}, step)
+        self.tracker.log_metrics(self._trial_run(trial_id, hp, where), {**metrics, "arm_time_s": arm_time}, step)
         s = c.status
         s.reports += 1
         val = metrics.get("val_loss", math.inf)

@@ -212,7 +212,9 @@ class StudyRecords:
             "wall_time_used_s": s.elapsed_s if s.status == "running" else s.wall_time_used_s,
             "within_budget": s.within_budget, "trials": s.trials_started, "reports": s.reports,
             "interruptions": s.interruptions, "trial_errors": s.trial_errors, "extensions": s.extensions,
-            "schedule": self.study.budget.schedule, **({"timeline": s.timeline} if s.timeline else {})}
+            "schedule": self.study.budget.schedule,
+            **({"trial_resources": s.trial_resources} if s.trial_resources else {}),
+            **({"timeline": s.timeline} if s.timeline else {})}
             for s in self.statuses if s.status != "pending"})
         self.sync_outbox()
 
@@ -287,6 +289,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             s.trial_errors = int(saved.get("trial_errors", 0))
             s.extensions = int(saved.get("extensions", 0))
             s.timeline = saved.get("timeline") if isinstance(saved.get("timeline"), dict) else {}
+            s.trial_resources = saved.get("trial_resources") if isinstance(saved.get("trial_resources"), dict) else {}
             if s.ended:
                 s.budget_s = float(saved.get("budget_s", s.budget_s))
             if s.status in ("running", "ending"):  # the coordinator died under it (a signal counted already)

@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.search import SearchAlgorithm
 
 from hypersweep.orchestrator.budget import Budget, Clock, tolerance
-from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher
+from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher, trial_resources
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir
 
@@ -241,8 +241,8 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
     # (Tune reads it when the experiment starts; the value is this arm's, put back afterwards.)
     pending_before = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(workers)
-    b = study.budget
-    trainable = tune.with_resources(trainable_class(unit.arm.method), {"cpu": b.cpus_per_worker, "gpu": b.gpus_per_worker})
+    resources = trial_resources(study, unit, workers)
+    trainable = tune.with_resources(trainable_class(unit.arm.method), resources)
     storage_path, storage_fs = study_dir.tune_storage()
     attempt = study_dir.tune_attempts(unit.arm.name, unit.seed_index)
     name = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt)
@@ -283,6 +283,7 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
             )
         grid = tuner.fit()
         return {"errors": len(grid.errors), "used": budget.elapsed(), "timeline": _LIVE[key].timeline(),
+                "trial_resources": resources,
                 "interrupted": INTERRUPTED.is_set(),
                 "trials": {str(r.path).rstrip("/").rsplit("/", 1)[-1]: (str(r.path), r.config) for r in grid if r.path}}
     except Exception as e:  # the study goes on; the arm is marked failed with this message

@@ -59,6 +59,12 @@ def test_results_parquet_one_row_per_report(finished_study):
     assert df[df.arm == "rand"].hp_lr.between(0.01, 0.2).all()
     # Arms are paired: the same seed per repetition for every arm.
     assert df.groupby("seed_index").seed.nunique().eq(1).all()
+    # Where every report was made; the one-trial arm had both slots' CPUs as torch threads.
+    assert (df.device == "cpu").all() and df.node_id.str.fullmatch("[0-9a-f]{56}").all() and df.node_ip.notna().all()
+    assert set(df[df.arm == "fixed"].torch_threads) == {2} and set(df[df.arm == "rand"].torch_threads) == {1}
+    arms = json.loads((study_dir / "arms.json").read_text())
+    assert arms["fixed/seed0"]["trial_resources"] == {"cpu": 2.0, "gpu": 0.0}
+    assert arms["rand/seed0"]["trial_resources"] == {"cpu": 1.0, "gpu": 0.0}
 
 
 def test_mlflow_records(finished_study):

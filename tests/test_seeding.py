@@ -64,3 +64,23 @@ def test_same_master_seed_same_seeds_and_loss_in_a_fresh_process():
     fresh = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "tests", env=env, capture_output=True,
                            text=True, check=True).stdout.splitlines()[-1]
     assert json.loads(fresh) == derived_numbers()
+
+
+def test_trial_resources_one_trial_arms_get_the_arms_share():
+    """A search packs trials on its slots (a GPU fraction each); an arm of one trial gets every
+    slot's CPUs and one whole GPU (planning.trial_resources)."""
+    from hypersweep.orchestrator.planning import trial_resources
+    study = parse_study({**STUDY, "budget": {"seconds": 10, "workers": 4, "cpus_per_worker": 1.5,
+                                             "gpus_per_worker": 0.25},
+                         "arms": [{"name": "one", "method": "sgd", "search": "fixed", "params": {"lr": 0.1}},
+                                  {"name": "reps", "method": "sgd", "search": "fixed", "num_samples": 3,
+                                   "params": {"lr": 0.1}},
+                                  {"name": "grid", "method": "sgd", "search": "grid",
+                                   "space": {"lr": {"grid": [0.01, 0.1]}}},
+                                  {"name": "rand", "method": "sgd", "search": "random", "num_samples": 8,
+                                   "space": {"lr": {"loguniform": [0.01, 0.1]}}}]})
+    got = {u.arm.name: trial_resources(study, u, study.budget.workers) for u in plan(study) if u.seed_index == 0}
+    assert got["one"] == {"cpu": 6.0, "gpu": 1.0}
+    assert got["reps"] == got["grid"] == got["rand"] == {"cpu": 1.5, "gpu": 0.25}
+    cpu_only = parse_study({**STUDY, "budget": {"seconds": 10, "workers": 2}})
+    assert {trial_resources(cpu_only, u, 2)["gpu"] for u in plan(cpu_only)} == {0.0}

@@ -65,6 +65,25 @@ def worker_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda") if on_gpu else torch.device("cpu")
 
 
+def placement(device: torch.device) -> dict[str, Any]:
+    """Where this trial runs, for its reports: the device (a GPU named), the Ray node, and the
+    torch CPU threads, set to the CPUs Ray assigned the trial (a one-trial arm gets the arm's
+    whole share of the worker slots, see orchestrator/planning.py)."""
+    import ray
+    where: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        where["device"] = f"{device}:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})" \
+            if device.index is None else f"{device} ({torch.cuda.get_device_name(device)})"
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        where["node_id"] = context.get_node_id()
+        cpus = context.get_assigned_resources().get("CPU", 0)
+        if cpus >= 1:
+            torch.set_num_threads(int(cpus))
+    where["torch_threads"] = torch.get_num_threads()
+    return where
+
+
 def trial_seed(config: dict[str, Any]) -> int:
     """The seed of the method's initialisation and noise: the repetition's seed (the same for
     every arm: arms are paired), or for replica r > 0 of a fixed arm (independent runs of one
@@ -95,6 +114,7 @@ class MethodTrainable(tune.Trainable):
         self._elapsed_before = 0.0  # wall time of earlier incarnations of this trial (restores)
         self._restores = 0  # times this trial went on from a checkpoint (a worker died, a study resumed, PBT)
         self.device = worker_device(config.get("device", "auto"))
+        self.where = placement(self.device)
         self.splits, self.target, self.method = build_method(config, self.device)
         self.epochs_per_step = int(config.get("epochs_per_step", 1))
 
@@ -150,6 +170,7 @@ class MethodTrainable(tune.Trainable):
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
         report["restores"] = self._restores
+        report.update(self.where)
         return report
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
