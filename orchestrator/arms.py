@@ -75,7 +75,11 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
 
     study = contexts[0].study
     workers = max(1, study.budget.workers // len(contexts))
-    remote_arm = ray.remote(num_cpus=0)(tune_arm)
+    # The arms' Tune loops and queues stay on the coordinator's node: a lost worker node takes
+    # its trials (Tune retries them elsewhere), never an arm's experiment or its records.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    remote_arm = ray.remote(num_cpus=0, scheduling_strategy=here)(tune_arm)
     running = []
     for ctx in contexts:
         if ctx.status.status == "ending":  # its training had ended when the coordinator died
@@ -85,7 +89,7 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
         if isinstance(prepared, str):
             refuse_arm(ctx, tracker, study_dir, prepared)
             continue
-        queue = Queue(actor_options={"num_cpus": 0})
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         recorder = Recorder(ctx, tracker, study_dir)
         resume = _resume_point(recorder)
         ctx.status.status = "running"

@@ -78,22 +78,12 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     Example:
       hypersweep run configs/quickstart.yaml --budget-s 20 --study-dir studies/qs
     """
-    from hypersweep.orchestrator.study import StudyError, load_study
-    overrides = {k: v for k, v in {"budget.seconds": budget_s, "seeds": seeds, "dataset.root": data_root}.items()
-                 if v is not None}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key or key.startswith("arms"):
-            _bad_input(f"--set {item!r}: expected KEY=VALUE with a dotted study key outside arms (e.g. budget.workers=4)")
-        import yaml
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            _bad_input(f"--set {item!r}: the value is not valid YAML")
-    try:
-        study = load_study(study_file, overrides)
-    except StudyError as e:
-        _bad_input(str(e).replace("budget.seconds", "--budget-s / budget.seconds") if budget_s is not None else str(e))
+    from hypersweep.orchestrator.jobs import JOB_ENV
+    from hypersweep.orchestrator.study import StudyError
+    study = _study_with_overrides(study_file, budget_s, seeds, data_root, sets)
+    if os.environ.get(JOB_ENV) and not (tracking_uri or study.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        _bad_input("a submitted study needs an MLflow store that outlives the job (its folder is deleted when it "
+                   "ends): submit with --tracking-uri, set the study's tracking.uri, or MLFLOW_TRACKING_URI on the head")
     from hypersweep.methods.data import DataNotFoundError, check_available
     try:
         check_available(study.dataset.name, study.dataset.root)
@@ -110,9 +100,10 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     from hypersweep.orchestrator.runner import StudyInterrupted
     from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
+    uri = resolve_tracking_uri(tracking_uri, study.tracking.uri)
+    _leave_job_folder()
     try:
-        statuses = run_study(study, target, tracking_uri=resolve_tracking_uri(tracking_uri, study.tracking.uri),
-                             address=address, live=live)
+        statuses = run_study(study, target, tracking_uri=uri, address=address, live=live)
     except (StudyError, TrackingUnavailable) as e:  # MLflow away at the start: nothing written yet
         _bad_input(str(e))
     except StudyInterrupted:
@@ -124,16 +115,53 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     _end_of_study(statuses)
 
 
+def _leave_job_folder() -> None:
+    """In a submitted job, once its inputs are read: work from elsewhere than the job's folder
+    (Ray may replace that folder while the coordinator connects, seen on a two-node Ray on
+    one machine; the trials have their own copy on their node)."""
+    from hypersweep.orchestrator.jobs import JOB_ENV
+    if os.environ.get(JOB_ENV):
+        import tempfile
+        os.chdir(tempfile.gettempdir())
+
+
+def _study_with_overrides(study_file, budget_s, seeds, data_root, sets):
+    """The study file with `run`'s overrides applied, validated (bad input: one line, exit 2)."""
+    from hypersweep.orchestrator.study import StudyError, load_study
+    overrides = {k: v for k, v in {"budget.seconds": budget_s, "seeds": seeds, "dataset.root": data_root}.items()
+                 if v is not None}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.startswith("arms"):
+            _bad_input(f"--set {item!r}: expected KEY=VALUE with a dotted study key outside arms (e.g. budget.workers=4)")
+        import yaml
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            _bad_input(f"--set {item!r}: the value is not valid YAML")
+    try:
+        return load_study(study_file, overrides)
+    except StudyError as e:
+        _bad_input(str(e).replace("budget.seconds", "--budget-s / budget.seconds") if budget_s is not None else str(e))
+
+
+def _resume_command(study_dir) -> str:
+    from hypersweep.orchestrator.jobs import JOB_ENV
+    if os.environ.get(JOB_ENV):  # a submitted study: from the laptop, as it was started
+        return f"hypersweep submit --resume {study_dir} --address http://HEAD:8265"
+    return f"hypersweep resume {study_dir}"
+
+
 def _interrupted(study_dir) -> None:
     _shutdown_ray()
-    click.echo(f"hypersweep: stopped; the records are consistent. Continue with: hypersweep resume {study_dir}", err=True)
+    click.echo(f"hypersweep: stopped; the records are consistent. Continue with: {_resume_command(study_dir)}", err=True)
     sys.exit(130)
 
 
 def _unwritable(study_dir, err: OSError) -> None:
     _shutdown_ray()
     click.echo(f"hypersweep: error: the study directory stopped taking writes ({err.strerror}); the study stopped "
-               f"with its records as they were. Make room or make it writable, then: hypersweep resume {study_dir}",
+               f"with its records as they were. Make room or make it writable, then: {_resume_command(study_dir)}",
                err=True)
     sys.exit(1)
 
@@ -173,6 +201,7 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
     from hypersweep.orchestrator.studydir import CorruptFile, Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
     target = _study_dir(study_dir, "STUDY_DIR")
+    _leave_job_folder()
     try:
         statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
                                 budget_s=budget_s, live=live)
@@ -537,6 +566,174 @@ def cluster_attach(cluster_file: str) -> None:
     """A shell on the head node: `ray attach`."""
     _cluster_file(cluster_file)
     _ray_cli("attach", cluster_file)
+
+
+def _jobs_client(address):
+    from hypersweep.orchestrator.jobs import JobsError, client
+    try:
+        return client(address)
+    except JobsError as e:
+        _bad_input(str(e))
+
+
+_ADDRESS_HELP = "The cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)."
+
+
+@main.command()
+@click.argument("study_file", required=False)
+@click.option("--address", help=_ADDRESS_HELP)
+@click.option("--study-dir", help="Where the records go, on storage every node and a later head reach: a shared "
+              "path (/shared/studies/NAME) or a bucket (s3://..., gs://...); must not exist.")
+@click.option("--resume", "resume_dir", metavar="STUDY_DIR", help="Continue this study directory on the cluster "
+              "(as `hypersweep resume`), instead of a new study.")
+@click.option("--budget-s", type=float, help="As `run` (with --resume: a longer budget, as `resume`).")
+@click.option("--seeds", type=int, help="As `run`.")
+@click.option("--tracking-uri", help="MLflow store the head reaches (default: the study's tracking.uri, else "
+              "MLFLOW_TRACKING_URI on the head; with --resume: the recorded one).")
+@click.option("--data-root", help="Data folder on the cluster (a path on the head and the workers).")
+@click.option("--upload-data", type=click.Path(exists=True, file_okay=False),
+              help="Send this local data folder with the job (small data only) and use it as the data root.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As `run`.")
+@click.option("--follow", is_flag=True, help="Then print the job's log until it ends (as `hypersweep logs --follow`).")
+def submit(study_file, address, study_dir, resume_dir, budget_s, seeds, tracking_uri, data_root, upload_data, sets,
+           follow) -> None:
+    """Run a study on a running Ray cluster as a Ray Job: its coordinator runs on the head,
+    records go to --study-dir on the cluster's storage; prints the job id and returns.
+
+    \b
+    Example:
+      hypersweep submit configs/quickstart.yaml --address http://HEAD:8265 \\
+          --study-dir /shared/studies/qs --tracking-uri http://HEAD:5000
+      hypersweep logs JOB --follow
+      hypersweep submit --resume /shared/studies/qs --address http://HEAD:8265
+    """
+    from hypersweep.orchestrator import jobs as jobs_api
+    if data_root and upload_data:
+        _bad_input("give --data-root (a folder on the cluster) or --upload-data (a local folder sent with the job), "
+                   "not both")
+    options = [*(["--budget-s", repr(budget_s)] if budget_s is not None else []),
+               *(["--tracking-uri", tracking_uri] if tracking_uri else []),
+               *(["--data-root", data_root] if data_root else [])]
+    if resume_dir:
+        if study_file or seeds is not None or sets or study_dir:
+            _bad_input("--resume STUDY_DIR continues a recorded study: no study file, --study-dir, --seeds or --set")
+        name, target = None, resume_dir
+    else:
+        if not study_file:
+            _bad_input("give a study file to run, or --resume STUDY_DIR to continue one")
+        if not study_dir:
+            _bad_input("--study-dir is needed: a shared path or bucket every node and a later head reach (the job's "
+                       "own folder is deleted when it ends), e.g. --study-dir /shared/studies/NAME")
+        study = _study_with_overrides(study_file, budget_s, seeds, data_root, sets)
+        if upload_data:
+            from hypersweep.methods.data import DataNotFoundError, check_available
+            try:
+                check_available(study.dataset.name, upload_data)
+            except DataNotFoundError as e:
+                _bad_input(f"--upload-data {upload_data}: {e}")
+        options += [*(["--seeds", str(seeds)] if seeds is not None else []), *[a for s in sets for a in ("--set", s)]]
+        name, target = study.name, study_dir
+    if "://" not in target and not os.path.isabs(target):
+        _bad_input(f"{'--resume' if resume_dir else '--study-dir'} {target}: give an absolute path on the cluster's "
+                   "shared storage (or a URI such as s3://...); a relative one would be inside the job's own folder")
+    client = _jobs_client(address)
+    try:
+        sub = jobs_api.submit(client, study_file=study_file, study_dir=target, resume=bool(resume_dir),
+                              options=options, upload_data=upload_data, study_name=name)
+    except jobs_api.JobsError as e:
+        _bad_input(str(e))
+    click.echo(f"submitted: {sub.job_id}")
+    click.echo(f"  study directory (on the cluster): {sub.study_dir}")
+    click.echo(f"  follow: hypersweep logs {sub.job_id} --follow    stop: hypersweep stop {sub.job_id}")
+    if follow:
+        _follow(client, sub.job_id)
+
+
+def _follow(client, job_id: str) -> None:
+    """The job's log until it ends; exit 0 when it succeeded, else 1 with its status."""
+    from hypersweep.orchestrator import jobs as jobs_api
+    try:
+        jobs_api.follow(client, job_id)
+        job = jobs_api.info(client, job_id)
+    except jobs_api.JobsError as e:
+        click.echo(f"hypersweep: error: {e}", err=True)
+        sys.exit(1)
+    status = jobs_api.status_of(job)
+    if status != "SUCCEEDED":
+        click.echo(f"hypersweep: job {job_id} {status}{': ' + job.message if job.message else ''}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--address", help=_ADDRESS_HELP)
+def jobs(address) -> None:
+    """The cluster's jobs with their status, newest first."""
+    from hypersweep.orchestrator import jobs as jobs_api
+    client = _jobs_client(address)
+    try:
+        rows = jobs_api.listing(client)
+    except jobs_api.JobsError as e:
+        _bad_input(str(e))
+    if not rows:
+        click.echo("no jobs on this cluster")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(*rows[0])
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=200).print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", help=_ADDRESS_HELP)
+@click.option("--follow", "-f", is_flag=True, help="Go on printing until the job ends.")
+def logs(job_id, address, follow) -> None:
+    """A submitted study's output (its coordinator's, on the head)."""
+    from hypersweep.orchestrator import jobs as jobs_api
+    client = _jobs_client(address)
+    try:
+        jobs_api.info(client, job_id)  # an unknown id is bad input
+        if not follow:
+            click.echo(jobs_api.logs(client, job_id), nl=False)
+            return
+    except jobs_api.JobsError as e:
+        _bad_input(str(e))
+    _follow(client, job_id)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", help=_ADDRESS_HELP)
+@click.option("--wait-s", type=click.FloatRange(min=0), default=150.0, show_default=True,
+              help="How long to wait for the study to stop and leave its records consistent.")
+def stop(job_id, address, wait_s) -> None:
+    """Stop a submitted study as Ctrl-C stops a local one: trials end with their last reports,
+    the records stay consistent, and `submit --resume` continues it."""
+    import time
+
+    from hypersweep.orchestrator import jobs as jobs_api
+    client = _jobs_client(address)
+    try:
+        job = jobs_api.info(client, job_id)
+        study_dir = (job.metadata or {}).get("study_dir")
+        if not jobs_api.stop(client, job_id):
+            click.echo(f"job {job_id} had ended already ({jobs_api.status_of(job)})")
+            return
+        end = time.monotonic() + wait_s
+        while jobs_api.status_of(job) not in jobs_api.TERMINAL and time.monotonic() < end:
+            time.sleep(1.0)
+            job = jobs_api.info(client, job_id)
+    except jobs_api.JobsError as e:
+        _bad_input(str(e))
+    status = jobs_api.status_of(job)
+    if status not in jobs_api.TERMINAL:
+        click.echo(f"hypersweep: job {job_id} is still {status} after {wait_s:.0f} s", err=True)
+        sys.exit(1)
+    click.echo(f"job {job_id} {status}")
+    if study_dir:
+        click.echo(f"continue with: hypersweep submit --resume {study_dir} --address {client.get_address()}")
 
 
 if __name__ == "__main__":

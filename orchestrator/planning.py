@@ -6,12 +6,14 @@ Kept free of Ray imports at module level, so planning can be tested and `validat
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from hypersweep.methods.seeding import Stream, child_seed, repetition_seeds
+from hypersweep.orchestrator.jobs import JOB_ENV
 from hypersweep.orchestrator.searches import scheduler_entry, search_entry, tune_domain
 from hypersweep.orchestrator.study import ArmConfig, Study
 
@@ -43,11 +45,15 @@ def plan(study: Study) -> list[ArmSeed]:
 def trial_config(study: Study, unit: ArmSeed, data_root: str | None = None) -> dict[str, Any]:
     """The param_space of one arm x seed: fixed values plus Tune domains for searched ones."""
     root = data_root or study.dataset.root
+    if root and not (os.environ.get(JOB_ENV) and not os.path.isabs(os.path.expanduser(root))):
+        root = str(Path(root).expanduser().resolve())
+    # (in a submitted job a relative root stays relative: each node resolves it against its own
+    # copy of the job's folder, workers/base.py load_splits)
     search = search_entry(unit.arm.search)
     split_index = unit.seed_index  # the UCI protocol's split index is the repetition
     return {
         "method": unit.arm.method,
-        "dataset": {"name": study.dataset.name, "root": str(Path(root).expanduser().resolve()) if root else None,
+        "dataset": {"name": study.dataset.name, "root": root or None,
                     "val_fraction": study.dataset.val_fraction, "test_fraction": study.dataset.test_fraction,
                     "split_index": split_index},
         "model": study.model.target_options(),

@@ -51,7 +51,10 @@ def _cached_splits(name, root, val_fraction, test_fraction, split_index, seed):
 
 def load_splits(config: dict[str, Any]) -> datasets.Splits:
     d = config["dataset"]
-    return _cached_splits(d["name"], d.get("root"), d["val_fraction"], d["test_fraction"],
+    root = d.get("root")
+    if root and not os.path.isabs(root):  # data sent with a submitted job: this node's copy of the job's folder
+        root = os.path.join(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()), root)
+    return _cached_splits(d["name"], root, d["val_fraction"], d["test_fraction"],
                           d["split_index"], config["data_seed"])
 
 

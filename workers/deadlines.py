@@ -30,16 +30,20 @@ _board = None  # this process's handle on the board (one Ray job: one board)
 
 
 def deadline_board():
-    """The board of this Ray job, made on first use. The coordinator keeps its handle: a named
-    actor that is not detached lives as long as a handle on it does."""
+    """The board of this Ray job, made on first use, on the coordinator's own node (a lost
+    worker node must not take it along). The coordinator keeps its handle: a named actor that
+    is not detached lives as long as a handle on it does."""
     global _board
     if _board is None:
-        _board = DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        _board = DeadlineBoard.options(name=BOARD_NAME, get_if_exists=True, scheduling_strategy=here).remote()
     return _board
 
 
-def posted_deadline(key: str) -> float | None:
-    """The deadline posted for `key`, or None (no board: a trial outside a study)."""
+def posted_deadline(key: str, timeout_s: float = 30.0) -> float | None:
+    """The deadline posted for `key`, or None (no board: a trial outside a study, or a board
+    that does not answer; the trial then keeps the deadline its config carries)."""
     global _board
     if not ray.is_initialized():
         return None
@@ -48,4 +52,8 @@ def posted_deadline(key: str) -> float | None:
             _board = ray.get_actor(BOARD_NAME)
         except ValueError:
             return None
-    return ray.get(_board.read.remote(key))
+    try:
+        return ray.get(_board.read.remote(key), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        _board = None
+        return None
