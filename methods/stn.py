@@ -22,7 +22,7 @@ Delta-STN: the hypernet input is centred, lambda~ - stopgrad(u); the bottleneck 
 zero; a training step updates the general (elementary) weights on the unperturbed lambda and
 then the response (hyper-path) weights on the perturbed one.
 
-Reports `hp/<name>` (the current value of u in range) and `hp_scale/<name>` every step.
+Reports `hp/<name>` (the current value of u in range) and `perturb_scale/<name>` every step.
 """
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ class STN(AlternatingTuner):
     def diagnostics(self) -> dict[str, float]:
         values, scales = self.values(), F.softplus(self.s)
         out = {f"hp/{n}": float(v) for n, v in zip(self.space.names, values)}
-        out.update({f"hp_scale/{n}": float(v) for n, v in zip(self.space.names, scales)})
+        out.update({f"perturb_scale/{n}": float(v) for n, v in zip(self.space.names, scales)})
         return out
 
     def model_state(self) -> dict[str, Any]:

@@ -568,6 +568,68 @@ def cluster_attach(cluster_file: str) -> None:
     _ray_cli("attach", cluster_file)
 
 
+@main.command()
+@click.argument("study_dir", required=False)
+@click.option("--tracking-uri", help="MLflow store (default: the one the study recorded, else MLFLOW_TRACKING_URI, "
+              "else sqlite:///mlflow.db).")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
+              help="Port on 127.0.0.1 (0: any free one).")
+def ui(study_dir, tracking_uri, port) -> None:
+    """The MLflow UI on a study's store, on 127.0.0.1, with links to the arm runs (in MLflow's
+    model-training view), the study run and a compare page per seed; Ctrl-C stops it. With a
+    store that is an MLflow server already, only the links.
+
+    \b
+    Example:
+      hypersweep ui studies/quickstart-20261123-101500
+    """
+    from hypersweep.orchestrator import ui as ui_api
+    from hypersweep.orchestrator.studydir import CorruptFile
+    from hypersweep.orchestrator.tracking import artifact_root, choose_store
+    runs: dict = {}
+    if study_dir:
+        target = _study_dir(study_dir, "STUDY_DIR")
+        if not target.is_study():
+            _bad_input(f"{study_dir}: not a study directory (no study.yaml and runs.json)")
+        try:
+            runs = target.runs()
+        except CorruptFile as e:
+            _bad_input(str(e))
+    uri, why = choose_store(runs.get("tracking_uri"), tracking_uri)
+    if why:
+        _bad_input(why)
+    if uri.startswith(("http://", "https://")):
+        for what, link in ui_api.study_links(uri.rstrip("/"), runs):
+            click.echo(f"{what}: {link}")
+        return
+    port = port or ui_api.free_port()
+    import socket
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            _bad_input(f"--port {port}: something listens there already; choose another (or --port 0)")
+    import tempfile
+    from pathlib import Path
+    log = Path(tempfile.mkdtemp(prefix="hypersweep-ui-")) / "mlflow-server.log"
+    base = f"http://127.0.0.1:{port}"
+    proc = ui_api.start_server(uri, port, artifact_root(uri), log)
+    try:
+        if not ui_api.wait_until_up(base, proc):
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            click.echo(f"hypersweep: error: the MLflow UI did not start on {uri} ({tail[0] if tail else 'no output'}; "
+                       f"log: {log})", err=True)
+            sys.exit(1)
+        click.echo(f"MLflow UI on {base} over {uri} (Ctrl-C stops it)")
+        for what, link in ui_api.study_links(base, runs):
+            click.echo(f"  {what}: {link}")
+        proc.wait()
+        click.echo(f"hypersweep: error: the MLflow UI stopped by itself; log: {log}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        ui_api.stop_server(proc)
+
+
 def _jobs_client(address):
     from hypersweep.orchestrator.jobs import JobsError, client
     try:

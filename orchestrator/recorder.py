@@ -26,6 +26,13 @@ from hypersweep.orchestrator.tracking import Tracker, flatten
 from hypersweep.orchestrator.tune_run import request_stop
 
 # Keys of a Tune result that are bookkeeping, not the method's metrics.
+# The arm run's metric families (no two series share a (metric, step) in one run): the anytime
+# curve at step = arm milliseconds, the best trial's history at its report steps, and the
+# end-of-arm figures at step = the arm's report count.
+ANYTIME_LOSS, ANYTIME_TIME = "anytime/best_val_loss", "anytime/arm_time_s"
+BEST_TRIAL, SUMMARY = "best_trial/", "summary/"
+SCHEDULE_PREFIXES = ("hp/", "perturb_scale/")
+
 # Where a report was made (workers/base.py placement(), Tune's node_ip): results columns, not metrics.
 PLACEMENT = ("device", "node_id", "node_ip", "torch_threads")
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
@@ -86,6 +93,7 @@ class Recorder:
         # may be away then; the end records queue like every other write).
         self.end_sent = {"val_loss": 0, "summary": -1, "ensemble": -1}  # (last steps: -1 none)
         self.write_error: Unwritable | None = None  # the study directory refused a write: the study stops
+        self._anytime_last = -1  # the anytime curve's last step (arm milliseconds)
         u = ctx.unit
         study_dir.mend_journal(u.arm.name, u.seed_index)
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
@@ -116,19 +124,27 @@ class Recorder:
             for row in rows:
                 if row["step"] > sent:
                     tracker.log_metrics(run_id, {**_metrics_of(row), "arm_time_s": row["arm_time_s"]}, row["step"])
-        sent = tracker.last_step(c.run_id, "wall_time_s")
+        sent = tracker.last_step(c.run_id, ANYTIME_TIME)
         best = math.inf
-        for k, row in enumerate(journal, start=1):
+        for row in journal:
             if row.get("val_loss", math.inf) < best:
                 best, s.best_val_loss, s.best_row = row["val_loss"], row["val_loss"], row
-            if k > sent:
-                tracker.log_metrics(c.run_id, {"best_val_loss": best, "wall_time_s": row["arm_time_s"]}, k)
+            step = self._anytime_step(row["arm_time_s"])
+            if step > sent:
+                tracker.log_metrics(c.run_id, {ANYTIME_LOSS: best, ANYTIME_TIME: row["arm_time_s"]}, step)
         tracker.flush()
         self.end_sent = {  # (this execution logs none of these before the arm's end)
-            "val_loss": tracker.last_step(c.run_id, "val_loss"),
-            "summary": tracker.last_step(c.run_id, "trial_errors", default=-1),
+            "val_loss": tracker.last_step(c.run_id, f"{BEST_TRIAL}val_loss"),
+            "summary": tracker.last_step(c.run_id, f"{SUMMARY}trial_errors", default=-1),
             "ensemble": max(tracker.last_step(c.run_id, key, default=-1)
                             for key in ("ensemble.members", "ensemble_time_s"))}
+
+    def _anytime_step(self, arm_time_s: float) -> int:
+        """The anytime curve's step for a report at `arm_time_s`: the arm's milliseconds, one
+        more than the last step where two reports fall in one millisecond (the same steps again
+        when a resume replays the journal)."""
+        self._anytime_last = max(self._anytime_last + 1, round(arm_time_s * 1000))
+        return self._anytime_last
 
     def _trial_run(self, trial_id: str, hp: dict, where: dict | None = None) -> str:
         """The trial's MLflow run, made at its first report (tagged with where it ran)."""
@@ -136,7 +152,7 @@ class Recorder:
             c, u = self.ctx, self.ctx.unit
             placed = {k: v for k, v in (where or {}).items() if k in ("device", "node_ip")}
             run_id = self.tracker.start_run(
-                f"{u.arm.name}-seed{u.seed_index}-{trial_id}", parent_id=c.run_id,
+                f"{u.arm.name} · seed {u.seed_index} · trial {trial_id}", parent_id=c.run_id,
                 tags=arm_tags(c.study, c.study_id, u, trial_id=trial_id, kind="trial", **placed), params=hp)
             self.trial_runs[trial_id] = run_id
             if c.records is not None:
@@ -193,28 +209,27 @@ class Recorder:
         val = metrics.get("val_loss", math.inf)
         if val < s.best_val_loss:
             s.best_val_loss, s.best_row = val, row
-        # The arm's anytime curve: best validation loss so far against the arm's wall time.
-        self.tracker.log_metrics(c.run_id, {"best_val_loss": s.best_val_loss, "wall_time_s": arm_time}, s.reports)
+        # The arm's anytime curve: best validation loss so far, at step = the arm's wall time in ms
+        # (MLflow's default Step axis then lines arms up in time).
+        self.tracker.log_metrics(c.run_id, {ANYTIME_LOSS: s.best_val_loss, ANYTIME_TIME: arm_time},
+                                 self._anytime_step(arm_time))
 
     def record_arm_end(self, errors: int) -> None:
         """The arm run's summary: its best trial's history and hyperparameters, wall time,
         trials, errors."""
         status, rows, run_id = self.ctx.status, self.rows, self.ctx.run_id
         summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
-                   "trial_errors": errors, "reports": status.reports}
+                   "trial_errors": errors, "reports": status.reports, "best_val_loss": status.best_val_loss}
         # A resumed arm may have written part of this before the coordinator died: once each.
         # (An arm a longer budget extended is summarised again, at its new report count.)
         sent, summarised = self.end_sent["val_loss"], self.end_sent["summary"] >= status.reports
         if rows:
             best = status.best_row
             # The arm run carries the history of its best trial: one val_loss curve per arm x seed.
-            # Not its wall_time_s: that series is the anytime curve's, by report (no two series
-            # share a (metric, step) in one run).
             for row in rows:
                 if row["trial_id"] == best["trial_id"] and row["step"] > sent:
-                    self.tracker.log_metrics(run_id, {k: v for k, v in row.items()
-                                                      if _is_metric(k, v) and k != "wall_time_s"}, row["step"])
-            # best_val_loss is the anytime curve's last point already
+                    self.tracker.log_metrics(run_id, {_arm_metric(k): v for k, v in row.items()
+                                                      if _is_metric(k, v)}, row["step"])
             summary.update({f"best_{k}": v for k, v in best.items() if _is_metric(k, v) and k != "val_loss"})
             best_hp = {"best_trial_id": best["trial_id"],
                        **{f"best.{k[3:]}": v for k, v in best.items() if k.startswith("hp_")}}
@@ -223,12 +238,13 @@ class Recorder:
             else:
                 self.tracker.log_params(run_id, best_hp)
         if not summarised:
+            summary = {f"{SUMMARY}{k}": v for k, v in summary.items() if math.isfinite(v)}
             self.tracker.log_metrics(run_id, summary, status.reports)
 
 
 def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
     """A journal row's method metrics (what `_result` logged on the trial's run)."""
-    return {k: v for k, v in row.items() if k not in _ROW_KEYS and not k.startswith("hp_")
+    return {k: v for k, v in row.items() if k not in _ROW_KEYS and k not in PLACEMENT and not k.startswith("hp_")
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -239,6 +255,12 @@ def _hp_of(row: dict[str, Any]) -> dict[str, Any]:
 _ROW_KEYS = {"study_id", "arm", "method", "search", "dataset", "seed_index", "seed", "trial_id", "step", "arm_time_s"}
 
 
+def _arm_metric(key: str) -> str:
+    """A best-trial metric's name on the arm run: `best_trial/<key>`; an STN's schedule keeps
+    its own names (`hp/<name>`, `perturb_scale/<name>`), the arm's schedule."""
+    return key if key.startswith(SCHEDULE_PREFIXES) else f"{BEST_TRIAL}{key}"
+
+
 def _is_metric(key: str, value: Any) -> bool:
-    return (key not in ("seed_index", "seed", "step") and not key.startswith("hp_")
+    return (key not in ("seed_index", "seed", "step", *PLACEMENT) and not key.startswith("hp_")
             and isinstance(value, (int, float)) and not isinstance(value, bool))

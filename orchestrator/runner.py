@@ -19,6 +19,7 @@ MLflow runs continue.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -30,7 +31,7 @@ from hypersweep.methods.data import task_of
 from hypersweep.orchestrator.arms import run_arm, run_concurrent
 from hypersweep.orchestrator.budget import Clock
 from hypersweep.orchestrator.planning import ArmSeed, plan
-from hypersweep.orchestrator.progress import ArmStatus, ProgressView, summary_markdown, summary_table
+from hypersweep.orchestrator.progress import ArmStatus, ProgressView, quality_columns, summary_markdown, summary_table
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
 from hypersweep.orchestrator.study import MAX_FILE_BYTES, Study, StudyError, decode_study, load_yaml, parse_study
 from hypersweep.orchestrator.studydir import StudyDir, Unwritable
@@ -219,6 +220,45 @@ class StudyRecords:
         self.sync_outbox()
 
 
+def arm_medians(statuses: list[ArmStatus], task: str) -> dict[str, float]:
+    """The parent run's ranking figures: per arm, the median over seeds of its best validation
+    loss and of the test metric at that report (`arm/<arm>/median_...`)."""
+    import statistics
+    out: dict[str, float] = {}
+    test_col = quality_columns(task)[1]
+    for arm in dict.fromkeys(s.arm for s in statuses):
+        mine = [s for s in statuses if s.arm == arm and s.best_row]
+        for name, values in (("best_val_loss", [s.best_val_loss for s in mine]),
+                             (test_col, [s.best_row.get(test_col) for s in mine])):
+            finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+            if finite:
+                out[f"arm/{arm}/median_{name}"] = statistics.median(finite)
+    return out
+
+
+def study_description(study: Study, study_dir: StudyDir) -> str:
+    """The parent run's description (MLflow shows it as the run's note, markdown)."""
+    b = study.budget
+    arms = "\n".join(f"- **{a.name}**: {a.method}, search {a.search}" + (f" ({a.num_samples} trials)" if
+                                                                            a.num_samples > 1 else "")
+                     for a in study.arms)
+    return (f"Study **{study.name}**: which arm gives the best model on **{study.dataset.name}** "
+            f"({study.model.kind}) for the same wall-clock budget.\n\n{arms}\n\n"
+            f"Budget: {b.seconds:g} s per arm x seed, {study.seeds} seed(s), {b.workers} worker slot(s) of "
+            f"{b.cpus_per_worker:g} CPU" + (f" and {b.gpus_per_worker:g} GPU" if b.gpus_per_worker else "") +
+            f" each; arms {b.schedule}.\n\nRecords: `{study_dir}` (results.parquet and summary.md are this run's "
+            f"artifacts). `hypersweep compare {study_dir}` adds report.md and anytime.png here; the arm runs carry "
+            "`anytime/best_val_loss` at step = arm milliseconds.")
+
+
+def _study_params(study: Study, tracking_uri: str) -> dict:
+    """The parent run's params: the resolved study, with the store it records to (a flag or
+    MLFLOW_TRACKING_URI named it, not the study file)."""
+    params = study.model_dump()
+    params["tracking"] = {**params.get("tracking", {}), "uri": tracking_uri}
+    return params
+
+
 def _console(console):
     from rich.console import Console
     if console is None:
@@ -241,8 +281,9 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     study_dir.create(study.to_yaml())
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
-    parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
-                               tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
+    parent = tracker.start_run(study_dir.study_id, params=_study_params(study, tracking_uri),
+                               tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
+                                     "mlflow.note.content": study_description(study, study_dir)})
     records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
                                                         "experiment_id": tracker.experiment_id,
                                                         "parent_run_id": parent}, statuses)
@@ -329,8 +370,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         raise StudyError(f"study {study.name!r}: {problem}")
     parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
     if parent is None:  # died before its parent run was recorded
-        parent = tracker.start_run(study_dir.study_id, params=study.model_dump(),
-                                   tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study"})
+        parent = tracker.start_run(study_dir.study_id, params=_study_params(study, uri),
+                                   tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
+                                         "mlflow.note.content": study_description(study, study_dir)})
     resumes = tracker.reopen(parent)
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())
@@ -367,7 +409,7 @@ def _arm_context(records: StudyRecords, unit: ArmSeed, status: ArmStatus) -> Arm
     if run_id:
         tracker.reopen(run_id)
     else:
-        run_id = tracker.start_run(f"{unit.arm.name}-seed{unit.seed_index}", parent_id=records.parent_run_id,
+        run_id = tracker.start_run(f"{unit.arm.name} · seed {unit.seed_index}", parent_id=records.parent_run_id,
                                    tags=arm_tags(study, records.study_dir.study_id, unit, kind="arm"),
                                    params={"arm": unit.arm.model_dump(), "seed": unit.seed,
                                            "search_seed": unit.search_seed, "ensemble_seed": unit.ensemble_seed,
@@ -410,6 +452,7 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
         for name in (StudyDir.RESULTS, StudyDir.SUMMARY):
             with study_dir.reading(name) as local:
                 tracker.log_artifact(records.parent_run_id, local)
+        tracker.log_metrics(records.parent_run_id, arm_medians(statuses, task), max(s.extensions for s in statuses))
         tracker.end_run(records.parent_run_id, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
     except (StudyInterrupted, KeyboardInterrupt, Unwritable) as stop:
         # SIGINT/SIGTERM, or a study directory that stopped taking writes (disk full, read-only):
@@ -434,6 +477,12 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
     console.print(summary_table(statuses, task))
     console.print(f"study directory: {study_dir}\nMLflow: {tracker.uri} (experiment "
                   f"{study.tracking.experiment or study.name}, parent run {records.parent_run_id})")
+    if tracker.uri.startswith(("http://", "https://")):
+        from hypersweep.orchestrator.ui import study_links
+        for what, link in study_links(tracker.uri.rstrip("/"), records.runs):
+            console.print(f"  {what}: {link}", soft_wrap=True)
+    else:
+        console.print(f"browse it: hypersweep ui {study_dir}", soft_wrap=True)
     return statuses
 
 

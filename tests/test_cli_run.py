@@ -77,8 +77,15 @@ def test_mlflow_records(finished_study):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    assert parent.data.params["tracking.uri"] == uri  # given by --tracking-uri, not the study file
+    assert "**fixed**: sgd, search fixed" in parent.data.tags["mlflow.note.content"]
+    df_best = pd.read_parquet(study_dir / "results.parquet").groupby(["arm", "seed_index"]).val_loss.min()
+    for arm in ("fixed", "rand"):  # the experiment table ranks arms by these
+        assert parent.data.metrics[f"arm/{arm}/median_best_val_loss"] == pytest.approx(df_best.loc[arm].median())
+        assert f"arm/{arm}/median_test_error" in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["fixed-seed0", "fixed-seed1", "rand-seed0", "rand-seed1"]
+    assert sorted(r.info.run_name for r in children) == ["fixed · seed 0", "fixed · seed 1", "rand · seed 0",
+                                                                  "rand · seed 1"]
     df = pd.read_parquet(study_dir / "results.parquet")
     units = {u.key: u for u in plan(load_study(study_dir / "study.yaml"))}
     for child in children:
@@ -88,13 +95,18 @@ def test_mlflow_records(finished_study):
         assert set(df[(df.arm == unit.arm.name) & (df.seed_index == unit.seed_index)].seed) == {unit.seed}
         assert {tags["arm"], tags["method"], tags["dataset"]} <= {"fixed", "rand", "sgd", "digits"}
         assert tags["study_id"] == study_dir.name and tags["search"] in ("fixed", "random")
-        history = client.get_metric_history(child.info.run_id, "val_loss")
+        history = client.get_metric_history(child.info.run_id, "best_trial/val_loss")
         best_trial = child.data.params["best_trial_id"]
         rows = df[df.trial_id == best_trial].sort_values("step")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(rows.val_loss.tolist())
-        anytime = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "best_val_loss"),
-                                           key=lambda m: m.step)]
+        curve = sorted(client.get_metric_history(child.info.run_id, "anytime/best_val_loss"), key=lambda m: m.step)
+        anytime = [m.value for m in curve]
         assert anytime == sorted(anytime, reverse=True)  # best so far only improves
+        # its step is the arm's wall time in milliseconds, beside the same time in seconds
+        times = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "anytime/arm_time_s")}
+        assert [times[m.step] for m in curve] == pytest.approx([m.step / 1000 for m in curve], abs=0.002)
+        summary = child.data.metrics
+        assert summary["summary/best_val_loss"] == pytest.approx(min(anytime)) and summary["summary/trials"] >= 1
         trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         arm_rows = df[(df.arm == tags["arm"]) & (df.seed_index == int(tags["seed_index"]))]
         assert len(trials) == arm_rows.trial_id.nunique()
@@ -129,3 +141,67 @@ def test_study_dir_contents(finished_study):
         for trial_id, run_id in trials.items():
             tags = client.get_run(run_id).data.tags
             assert tags["trial_id"] == trial_id and tags["mlflow.parentRunId"] == run_map["arms"][key]
+
+
+def test_every_run_of_the_store_is_whole(finished_study):
+    """Over the whole store: every run has its kind and has ended, no run holds two values of
+    a metric at one step, and no trial run is empty (each trained at least one epoch)."""
+    from mlflow.tracking import MlflowClient
+    _, uri, _ = finished_study
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], max_results=1000)
+    assert {r.data.tags.get("kind") for r in runs} == {"study", "arm", "trial"}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key)
+        if run.data.tags["kind"] == "trial":
+            assert run.data.metrics["epoch"] >= 1 and run.data.tags["device"] == "cpu", run.info.run_name
+            assert run.info.run_name.startswith(f"{run.data.tags['arm']} · seed {run.data.tags['seed_index']} · trial ")
+
+
+def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study):
+    """`hypersweep ui STUDY_DIR --port 0`: an MLflow server on 127.0.0.1 over the study's
+    store; the printed links name the study's experiment (model-training view, arm runs), its
+    parent run and a compare page per seed, all of which the server knows; Ctrl-C stops it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+    study_dir, uri, _ = finished_study
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "hypersweep.orchestrator.cli", "ui", str(study_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        lines = []
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not any("compare the arms, seed 1" in x for x in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        out = "".join(lines)
+        base = re.search(r"MLflow UI on (http://127\.0\.0\.1:\d+)", out).group(1)
+        runs = json.loads((study_dir / "runs.json").read_text())
+        exp, parent = runs["experiment_id"], runs["parent_run_id"]
+        assert f"{base}/#/experiments/{exp}?workflowType=machine_learning&searchFilter=" in out
+        assert f"{base}/#/experiments/{exp}/runs/{parent}" in out
+        for seed in (0, 1):
+            link = re.search(rf"compare the arms, seed {seed}: (\S+)", out).group(1)
+            ids = json.loads(urllib.parse.unquote(re.search(r"runs=([^&]+)", link).group(1)))
+            assert sorted(ids) == sorted(runs["arms"][f"{a}/seed{seed}"] for a in ("fixed", "rand"))
+            for run_id in ids:  # the server knows them
+                with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as r:
+                    assert json.load(r)["run"]["data"]["tags"]
+        with urllib.request.urlopen(base, timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "stopped" in rest, rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -227,8 +227,8 @@ def test_a_killed_worker_without_retries_fails_its_trial_and_the_study_goes_on(t
     exp = client.get_experiment_by_name("no-retry")
     all_runs = client.search_runs([exp.experiment_id], max_results=1000)
     arm_runs = {r.data.tags["arm"]: r for r in all_runs if r.data.tags.get("kind") == "arm"}
-    assert arm_runs["killed"].info.status == "FAILED" and arm_runs["killed"].data.metrics["trial_errors"] == 1
-    assert arm_runs["next"].info.status == "FINISHED" and arm_runs["next"].data.metrics["trial_errors"] == 0
+    assert arm_runs["killed"].info.status == "FAILED" and arm_runs["killed"].data.metrics["summary/trial_errors"] == 1
+    assert arm_runs["next"].info.status == "FINISHED" and arm_runs["next"].data.metrics["summary/trial_errors"] == 0
     study_run = next(r for r in all_runs if r.data.tags.get("kind") == "study")
     assert study_run.info.status == "FAILED"
     assert not [r for r in all_runs if r.info.status == "RUNNING"]

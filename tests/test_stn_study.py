@@ -36,7 +36,7 @@ def test_schedules_are_recorded_and_replayed(stn_study):
     replayed = df[df.arm == "replayed"].sort_values("epoch")
     names = ["dropout_in", "dropout_1", "input_noise"]
     for name in names:
-        assert stn[f"hp/{name}"].notna().all() and stn[f"hp_scale/{name}"].notna().all()
+        assert stn[f"hp/{name}"].notna().all() and stn[f"perturb_scale/{name}"].notna().all()
     assert stn["hp/dropout_in"].iloc[-1] != stn["hp/dropout_in"].iloc[0]  # lambda moved after the warm-up
     # The replay arm used, in epoch k + 1, the value the STN had after epoch k.
     for name in names:
@@ -50,7 +50,9 @@ def test_schedules_are_recorded_and_replayed(stn_study):
         assert {a.path for a in client.list_artifacts(runs[key], "plots")} == \
             {f"plots/schedule-{key.split('/')[0]}-seed0.png"}
     history = client.get_metric_history(runs["stn/seed0"], "hp/dropout_in")
-    assert len(history) == 4
+    assert len(history) == 4  # the schedule under its own name on the arm run, beside best_trial/...
+    assert len(client.get_metric_history(runs["stn/seed0"], "perturb_scale/dropout_in")) == 4
+    assert len(client.get_metric_history(runs["stn/seed0"], "best_trial/val_loss")) == 4
 
 
 def test_replay_schedule_from_rows():

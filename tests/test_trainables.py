@@ -120,3 +120,13 @@ def test_a_trial_past_its_last_step_ends_without_training(tmp_path):
     assert extra["val_loss"] == last["val_loss"] and not trained(extra)
     for t in (a, b):
         t.stop()
+
+
+def test_a_trainable_made_in_a_ray_driver_reports_where_it_ran(ray_session):
+    """In a process connected to Ray that is not a Ray worker (a driver, as here), a trainable
+    reports its node and keeps the process's torch threads (Ray assigned it nothing)."""
+    import torch
+    torch.set_num_threads(1)
+    result = trainable_class("sgd")(config=_config("sgd")).train()
+    assert result["device"] == "cpu" and result["node_id"] == ray_session.get_runtime_context().get_node_id()
+    assert result["torch_threads"] == 1 == torch.get_num_threads()

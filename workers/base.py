@@ -80,9 +80,9 @@ def placement(device: torch.device) -> dict[str, Any]:
     if ray.is_initialized():
         context = ray.get_runtime_context()
         where["node_id"] = context.get_node_id()
-        cpus = context.get_assigned_resources().get("CPU", 0)
-        if cpus >= 1:
-            torch.set_num_threads(int(cpus))
+        # (a trainable made in a driver, as tests do, has no assigned resources: threads unchanged)
+        if context.worker.mode == ray.WORKER_MODE and context.get_assigned_resources().get("CPU", 0) >= 1:
+            torch.set_num_threads(int(context.get_assigned_resources()["CPU"]))
     where["torch_threads"] = torch.get_num_threads()
     return where
 
