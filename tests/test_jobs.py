@@ -144,6 +144,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     pytest.fail(f"never: {what}")
 
 
+@pytest.mark.slow  # (a minute; the default suite keeps the two-node test, which submits, follows and lists)
 def test_stop_then_resume_a_submitted_study(cluster):
     """submit returns the job id at once; `jobs` lists it running; `stop` ends it as Ctrl-C
     would (arms.json: interrupted); `submit --resume` finishes it on the cluster, with the same
