@@ -358,7 +358,8 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
     Example:
       hypersweep compare studies/stn-vs-bo-digits-20261122-101500 --log-time
     """
-    from hypersweep.orchestrator.report import anytime_curves, anytime_plot, arm_table, load_study_records, markdown
+    from hypersweep.orchestrator.report import (anytime_curves, anytime_plot, arm_table, html_report, intro,
+                                                load_study_records, markdown)
     from hypersweep.orchestrator.studydir import CorruptFile
     loaded = []
     for d in study_dirs:
@@ -388,18 +389,21 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
             how = f"concurrently, {b['workers'] // len(study['arms'])} of {b['workers']} worker slots each"
         text = markdown(study["name"], table, baseline, b["seconds"], how, status)
         path.write_text(path.REPORT, text)
+        curves = anytime_curves(df)
         with path.writing(path.ANYTIME) as local:
-            anytime_plot(anytime_curves(df), local, title=study["name"], log_time=log_time, how=band)
+            anytime_plot(curves, local, title=study["name"], log_time=log_time, how=band)
+        path.write_text(path.REPORT_HTML, html_report(study["name"], intro(baseline, b["seconds"], how, status), table,
+                                                      curves, how=band))
         meta = path.runs()
         tracker = _tracker_for(meta.get("tracking_uri"), tracking_uri, meta.get("parent_run_id"),
                                path.study_id) if use_mlflow else None
         if tracker is not None:
-            for name in (path.REPORT, path.ANYTIME):
+            for name in (path.REPORT, path.REPORT_HTML, path.ANYTIME):
                 with path.reading(name) as local:
                     tracker.log_artifact(meta["parent_run_id"], local, "report")
         texts.append(text)
         click.echo(text)
-    click.echo(f"written: {', '.join(f'{p[0]}/{p[0].REPORT}' for p in loaded)} (+ anytime.png)")
+    click.echo(f"written: {', '.join(f'{p[0]}/{p[0].REPORT}' for p in loaded)} (+ report.html, anytime.png)")
 
 
 @main.command("ensembles-report")

@@ -123,11 +123,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def intro(baseline: str | None, budget_s: float, schedule: str, status: str) -> str:
+    """The report's first line: budget, schedule, status and the baseline."""
+    return (f"Budget {budget_s:g} s per arm x seed; arms ran {schedule}; {status}. Baseline for 'time to "
+            f"baseline': {baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.")
+
+
 def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: float, schedule: str,
              status: str) -> str:
-    lines = [f"## {study}", "",
-             f"Budget {budget_s:g} s per arm x seed; arms ran {schedule}; {status}. Baseline for 'time to "
-             f"baseline': {baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.", "",
+    lines = [f"## {study}", "", intro(baseline, budget_s, schedule, status), "",
              "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for row in table.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
@@ -162,6 +166,71 @@ def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]  # matplotlib's C0-C9: the same colours as anytime.png
+
+
+def html_report(title: str, intro: str, table: pd.DataFrame, curves: pd.DataFrame, *, how: str = "median",
+                n_grid: int = 200) -> str:
+    """report.md's content as one self-contained HTML page (MLflow's artifact pane previews it):
+    the arm table, and the anytime chart as SVG, every point with a tooltip (arm, time, best val
+    loss, seeds) and arms shown or hidden from the legend (where the viewer runs scripts)."""
+    from html import escape
+    W, H, L, R, T, B = 760, 380, 70, 160, 20, 45
+    t_max = float(curves.t.max()) if len(curves) else 1.0
+    agg = aggregate(curves, np.linspace(0.0, t_max, n_grid), how)
+    log_y = bool(len(agg)) and float(agg.low.min()) > 0
+    ys = np.log10(agg[["low", "high", "center"]].to_numpy()) if log_y else agg[["low", "high", "center"]].to_numpy()
+    y_lo, y_hi = (float(np.nanmin(ys)), float(np.nanmax(ys))) if len(agg) else (0.0, 1.0)
+    y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
+    fx = lambda t: L + (W - L - R) * (t / t_max if t_max else 0.0)  # noqa: E731
+    fy = lambda v: T + (H - T - B) * (1 - ((math.log10(v) if log_y else v) - y_lo) / (y_hi - y_lo))  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="11"><rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#999"/>']
+    for k in range(6):  # axis ticks
+        t = t_max * k / 5
+        parts.append(f'<text x="{fx(t):.1f}" y="{H - B + 15}" text-anchor="middle">{t:.3g}</text>')
+        e = y_lo + (y_hi - y_lo) * k / 5
+        parts.append(f'<text x="{L - 5}" y="{fy(10 ** e if log_y else e) + 4:.1f}" text-anchor="end">'
+                     f'{(10 ** e if log_y else e):.3g}</text>')
+    parts.append(f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">arm wall time (s)</text>')
+    parts.append(f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 14 '
+                 f'{(T + H - B) / 2})">best validation loss so far{" (log)" if log_y else ""}</text>')
+    for i, (arm, g) in enumerate(agg.groupby("arm", sort=False)):
+        color, name = COLORS[i % len(COLORS)], escape(str(arm))
+        band = [f"{fx(t):.1f},{fy(v):.1f}" for t, v in zip(g.t, g.high)] + \
+               [f"{fx(t):.1f},{fy(v):.1f}" for t, v in zip(g.t[::-1], g.low[::-1])]
+        points = " ".join(f"{fx(t):.1f},{fy(v):.1f}" for t, v in zip(g.t, g.center))
+        parts.append(f'<g class="arm" data-arm="{name}"><polygon points="{" ".join(band)}" fill="{color}" '
+                     f'opacity="0.2"/><polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        step = max(1, len(g) // 40)  # tooltips on every few grid points
+        for row in g.iloc[::step].itertuples(index=False):
+            parts.append(f'<circle cx="{fx(row.t):.1f}" cy="{fy(row.center):.1f}" r="4" fill="{color}" opacity="0.01">'
+                         f'<title>{name}: {row.center:.4g} at {row.t:.3g} s ({how} of {row.seeds} seed(s); band '
+                         f'{row.low:.4g} to {row.high:.4g})</title></circle>')
+        parts.append("</g>")
+        y = T + 16 * i + 10
+        parts.append(f'<g class="legend" data-arm="{name}" style="cursor:pointer"><rect x="{W - R + 12}" y="{y - 8}" '
+                     f'width="12" height="10" fill="{color}"/><text x="{W - R + 30}" y="{y + 1}">{name}</text></g>')
+    parts.append("</svg>")
+    band_says = "median and interquartile band" if how == "median" else "mean and 95% CI"
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in table.itertuples(index=False))
+    script = ("document.querySelectorAll('g.legend').forEach(function (l) { l.addEventListener('click', function () {"
+              " var g = document.querySelector('g.arm[data-arm=\"' + l.dataset.arm + '\"]');"
+              " var hide = g.style.display !== 'none'; g.style.display = hide ? 'none' : '';"
+              " l.style.opacity = hide ? 0.4 : 1; }); });")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>"
+            "body{font-family:sans-serif;font-size:13px;margin:12px} table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3}"
+            "td:first-child,th:first-child{text-align:left}</style></head><body>"
+            f"<h2>{escape(title)}</h2><p>{escape(intro)}</p><table><tr>{head}</tr>{body}</table>"
+            f"<h3>Anytime: best validation loss against arm wall time ({band_says} over seeds)</h3>"
+            f"<p>Hover a curve for its values; click an arm in the legend to hide or show it.</p>"
+            f"{''.join(parts)}<script>{script}</script></body></html>\n")
 
 
 def load_study_records(study_dir: StudyDir) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:

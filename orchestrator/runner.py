@@ -252,9 +252,11 @@ def study_description(study: Study, study_dir: StudyDir) -> str:
 
 
 def _study_params(study: Study, tracking_uri: str) -> dict:
-    """The parent run's params: the resolved study, with the store it records to (a flag or
-    MLFLOW_TRACKING_URI named it, not the study file)."""
+    """The parent run's params: the resolved study, its model by what applies to the model's
+    kind, with the store it records to (a flag or MLFLOW_TRACKING_URI named it, not the study
+    file)."""
     params = study.model_dump()
+    params["model"] = study.model.target_options()  # only what applies to its kind (no cnn channels on an mlp)
     params["tracking"] = {**params.get("tracking", {}), "uri": tracking_uri}
     return params
 

@@ -250,6 +250,7 @@ class StudyDir(Folder):
     ENSEMBLES = "ensembles"
     TUNE = "tune"
     REPORT = "report.md"
+    REPORT_HTML = "report.html"
     ANYTIME = "anytime.png"
     ENSEMBLES_REPORT = "ensembles.md"
     OUTBOX = "mlflow-outbox"

@@ -78,6 +78,7 @@ def test_mlflow_records(finished_study):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.data.params["tracking.uri"] == uri  # given by --tracking-uri, not the study file
+    assert parent.data.params["model.hidden"] == "[16]" and "model.channels" not in parent.data.params
     assert "**fixed**: sgd, search fixed" in parent.data.tags["mlflow.note.content"]
     df_best = pd.read_parquet(study_dir / "results.parquet").groupby(["arm", "seed_index"]).val_loss.min()
     for arm in ("fixed", "rand"):  # the experiment table ranks arms by these

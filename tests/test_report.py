@@ -133,8 +133,15 @@ def test_compare_writes_report_and_plot(searched):
     assert (study_dir / "anytime.png").stat().st_size > 1000
     from mlflow.tracking import MlflowClient
     parent = json.loads((study_dir / "runs.json").read_text())["parent_run_id"]
-    assert {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")} == {"report/report.md",
-                                                                                     "report/anytime.png"}
+    assert {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")} == {
+        "report/report.md", "report/report.html", "report/anytime.png"}
+    # The HTML version (MLflow's artifact pane previews it): the same table, and one curve per
+    # arm in the SVG chart, its points with tooltips.
+    page = (study_dir / "report.html").read_text()
+    arms = ("grid", "random", "tpe", "gp", "asha", "pbt")
+    assert page.startswith("<!doctype html>") and "<th>final best val_loss (median)</th>" in page
+    assert all(f"<td>{arm}</td>" in page and f'<g class="arm" data-arm="{arm}">' in page for arm in arms)
+    assert page.count("<polyline") == len(arms) and "<title>grid: " in page
     r = CliRunner().invoke(main, ["compare", str(study_dir / "results")])
     assert r.exit_code == 2 and "not a study directory" in r.output
 
