@@ -71,7 +71,9 @@ def validate(study_file: str, data_root: str | None) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any study key (dotted; the value is YAML), e.g. --set budget.gpus_per_worker=0.")
 @click.option("--live/--no-live", default=True, help="Live progress table (default on).")
-def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root, sets, live) -> None:
+@click.option("--register", "register_as", metavar="NAME",
+              help="At the end, put the arm x seed model with the lowest validation loss in MLflow's Model Registry as NAME.")
+def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root, sets, live, register_as) -> None:
     """Run every arm x seed of a study on Ray, each with the same wall-clock budget.
 
     \b
@@ -80,6 +82,7 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     """
     from hypersweep.orchestrator.jobs import JOB_ENV
     from hypersweep.orchestrator.study import StudyError
+    _check_register(register_as)
     study = _study_with_overrides(study_file, budget_s, seeds, data_root, sets)
     if os.environ.get(JOB_ENV) and not (tracking_uri or study.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         _bad_input("a submitted study needs an MLflow store that outlives the job (its folder is deleted when it "
@@ -112,6 +115,9 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
         if not target.is_study():  # it could not even be made
             _bad_input(f"--study-dir {target}: {e.strerror}")
         _unwritable(target, e)
+    if register_as:
+        from hypersweep.orchestrator.models import MODELS_FILE
+        _register_best(target.read_json(MODELS_FILE, default={}, kind=dict), uri, register_as, {})
     _end_of_study(statuses)
 
 
@@ -436,7 +442,9 @@ def ensembles_report(study_dir) -> None:
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, help="Record on the source arm's MLflow run (default on).")
 @click.option("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the study's own when it is "
               "on this machine).")
-def distill_command(path, out, use_mlflow, tracking_uri) -> None:
+@click.option("--register", "register_as", metavar="NAME",
+              help="Put the Polyak average with the lower validation loss in MLflow's Model Registry as NAME.")
+def distill_command(path, out, use_mlflow, tracking_uri, register_as) -> None:
     """Polyak-average the members of an ensemble (ensemble.parquet, or its folder): raw weights
     and, for the plain ReLU nets, gauge-fixed weights; evaluate and save them.
 
@@ -448,6 +456,7 @@ def distill_command(path, out, use_mlflow, tracking_uri) -> None:
                                                    read_ensemble, record, table)
     from hypersweep.orchestrator.studydir import CorruptFile, Folder
     from hypersweep.orchestrator.trials import Compute, EnsembleError
+    _check_register(register_as)
     source = Folder(path)
     name = ENSEMBLE_FILE
     if source.is_file(""):  # PATH is the table itself
@@ -468,10 +477,37 @@ def distill_command(path, out, use_mlflow, tracking_uri) -> None:
     histogram(ens, distilled, folder)
     metrics = headline(ens, distilled)
     tracker = _tracker_for(meta.get("tracking_uri"), tracking_uri, meta.get("source_run")) if use_mlflow else None
-    if tracker is not None:
-        record(tracker, meta["source_run"], metrics, folder)
+    models = record(tracker, meta["source_run"], metrics, folder) if tracker is not None else {}
     _print_rows(table({(meta.get("arm", "?"), meta.get("seed_index", 0)): metrics}), "Polyak-distilled (test split)")
     click.echo(f"written: {folder}")
+    for kind, entry in models.items():
+        click.echo(f"MLflow model distilled-{kind}: {entry['model_uri']} (on run {entry['run_id']})")
+    if register_as:
+        _register_best(models, tracker.uri if tracker is not None else None, register_as,
+                       {kind: f"distilled-{kind}" for kind in models})
+
+
+def _check_register(name: str | None) -> None:
+    """--register NAME, checked before anything is written."""
+    if name is not None:
+        from hypersweep.orchestrator.models import ModelError, check_model_name
+        try:
+            check_model_name(name)
+        except ModelError as e:
+            _bad_input(str(e))
+
+
+def _register_best(models: dict, uri: str | None, name: str, labels: dict) -> None:
+    """Register the logged model with the lowest validation loss as a new version of NAME."""
+    from hypersweep.orchestrator.models import best_of, register
+    try:
+        key, entry = best_of(models)
+        ref = register(uri, entry["model_uri"], name)
+    except Exception as e:  # ModelError (nothing logged), the registry refusing or away
+        click.echo(f"hypersweep: error: --register {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"registered {labels.get(key, key)} ({entry['model_uri']}) as {ref}")
 
 
 @main.group()

@@ -273,7 +273,10 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
     return "\n".join(lines) + "\n"
 
 
-def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: int = 0) -> None:
+def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: int = 0) -> dict[str, dict[str, Any]]:
+    """The ensemble's metrics and files on the arm's run, and its Polyak averages as MLflow
+    models (orchestrator/models.py), listed in the folder's models.json; returns that list."""
+    from hypersweep.orchestrator.models import MODELS_FILE, log_distilled
     tracker.log_metrics(run_id, metrics, step=step)
     tracker.flush()
     for name in (ENSEMBLE_FILE, "ensemble.json", DISTILL_FILE, "members.png", "distilled-raw.pt",
@@ -281,4 +284,8 @@ def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: i
         if out.is_file(name):
             with out.reading(name) as local:
                 tracker.log_artifact(run_id, local, "ensemble")
+    models = log_distilled(tracker, run_id, out)
+    if models:
+        out.write_json(MODELS_FILE, models)
+    return models
 

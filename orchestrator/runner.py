@@ -261,6 +261,20 @@ def _study_params(study: Study, tracking_uri: str) -> dict:
     return params
 
 
+def log_models(records: StudyRecords) -> dict[str, dict[str, Any]]:
+    """Each arm x seed's best model as an MLflow model on its run (orchestrator/models.py), once
+    MLflow has every run the study made; `compare` logs what is missing when it was away."""
+    from hypersweep.orchestrator.models import log_arm_models
+    tracker = records.tracker
+    tracker.flush()
+    if tracker.pending:
+        log.warning("models not logged: MLflow at %s is away; `hypersweep compare %s` logs them once it is back",
+                    tracker.uri, records.study_dir)
+        return {}
+    arm_runs = {key: tracker.resolve(run_id) for key, run_id in records.runs["arms"].items()}
+    return log_arm_models(records.study_dir, tracker.uri, arm_runs)
+
+
 def _console(console):
     from rich.console import Console
     if console is None:
@@ -455,6 +469,7 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
             with study_dir.reading(name) as local:
                 tracker.log_artifact(records.parent_run_id, local)
         tracker.log_metrics(records.parent_run_id, arm_medians(statuses, task), max(s.extensions for s in statuses))
+        models = log_models(records)
         tracker.end_run(records.parent_run_id, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
     except (StudyInterrupted, KeyboardInterrupt, Unwritable) as stop:
         # SIGINT/SIGTERM, or a study directory that stopped taking writes (disk full, read-only):
@@ -485,6 +500,11 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
             console.print(f"  {what}: {link}", soft_wrap=True)
     else:
         console.print(f"browse it: hypersweep ui {study_dir}", soft_wrap=True)
+    if models:
+        from hypersweep.orchestrator.models import MODELS_FILE
+        first = next(iter(models.values()))["model_uri"]
+        console.print(f"models: {len(models)} arm x seed models on the arm runs ({study_dir}/{MODELS_FILE}); load one "
+                      f"with mlflow.pyfunc.load_model(\"{first}\")", soft_wrap=True)
     return statuses
 
 

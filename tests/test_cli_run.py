@@ -34,9 +34,63 @@ def finished_study(tmp_path_factory, ray_session):
     study_file.write_text(yaml.safe_dump(STUDY))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     result = CliRunner().invoke(main, ["run", str(study_file), "--study-dir", str(tmp / "sd"), "--tracking-uri", uri,
-                                       "--no-live"])
+                                       "--no-live", "--register", "tiny best"])
     assert result.exit_code == 0, result.output + str(result.exception)
     return tmp / "sd", uri, result.output
+
+
+def test_arm_models_predict_as_the_trials_reported_and_the_best_is_registered(finished_study):
+    """Every arm x seed's model is an MLflow model on its arm run: loaded with pyfunc, it
+    predicts what the trial's net computes, with the test error the trial reported at its last
+    step; `--register` made version 1 of the one with the lowest validation loss."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from hypersweep.methods.ensembles import member_outputs
+    from hypersweep.orchestrator.studydir import StudyDir
+    from hypersweep.orchestrator.trials import find_trials
+    from hypersweep.workers.base import build_target_for, load_splits
+    from hypersweep.workers.ensemble import sample_members
+    study_dir, uri, output = finished_study
+    models = json.loads((study_dir / "models.json").read_text())
+    runs = json.loads((study_dir / "runs.json").read_text())
+    assert set(models) == set(runs["arms"]) and all(m["members"] == 1 for m in models.values())
+    df = pd.read_parquet(study_dir / "results.parquet")
+    trials = {t.trial_id: t for t in find_trials(StudyDir(study_dir))}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for key, entry in models.items():
+            assert entry["run_id"] == runs["arms"][key]
+            mine = df[(df.arm == entry["arm"]) & (df.seed_index == entry["seed_index"])]
+            assert entry["trial_id"] == mine.loc[mine.val_loss.idxmin()].trial_id  # the arm's best trial
+            trial = trials[entry["trial_id"]]
+            config = {**trial.config, "device": "cpu"}
+            splits = load_splits(config)
+            weights = torch.as_tensor(sample_members(config, trial.checkpoint(), 1, 0)["weights"])
+            expected = member_outputs(build_target_for(config, splits), weights, splits.x_test).softmax(-1)[0]
+            got = mlflow.pyfunc.load_model(entry["model_uri"]).predict(splits.x_test.numpy())
+            np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+            error = float((got.argmax(1) != splits.y_test.numpy()).mean())
+            last = mine[mine.trial_id == entry["trial_id"]].sort_values("step").iloc[-1]
+            if last.step == last.step // 2 * 2:  # checkpoints every 2 steps: the last one is that report's net
+                assert error == pytest.approx(last.test_error) == pytest.approx(entry["test_error"])
+        best = min(models, key=lambda k: models[k]["val_loss"])
+        version = MlflowClient(uri).get_model_version("tiny best", "1")
+        assert version.run_id == models[best]["run_id"]
+        assert f"registered {best} ({models[best]['model_uri']}) as models:/tiny best/1" in output
+        assert "models: 4 arm x seed models on the arm runs" in output
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_a_bad_model_name_is_refused_before_anything_runs(tmp_path):
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(STUDY))
+    result = CliRunner().invoke(main, ["run", str(study_file), "--study-dir", str(tmp_path / "sd"), "--register", " "])
+    assert result.exit_code == 2 and "--register ' ': a model name is" in result.output
+    assert not (tmp_path / "sd").exists()
 
 
 def test_summary_is_printed(finished_study):

@@ -14,6 +14,7 @@ from hypersweep.methods.ensembles import evaluate_ensemble, polyak_average
 from hypersweep.methods.targets import MLP
 from conftest import run_study_file
 from hypersweep.orchestrator.cli import main
+from hypersweep.orchestrator.studydir import StudyDir as StudyFolder
 
 
 def _weights(net, k, seed=0):
@@ -156,6 +157,83 @@ def test_ensemble_and_distill_commands(ensembled_study, tmp_path):
     r = CliRunner().invoke(main, ["distill", str(out / "hml-seed0"), "--no-mlflow"])
     assert r.exit_code == 0, r.output
     assert (out / "hml-seed0" / "distilled-gauge.pt").is_file() and "polyak" in r.output
+
+
+def _hypersweep_prediction(config, weights):
+    """hypersweep's own evaluation path: the members' outputs on the test split, averaged as
+    evaluate_ensemble averages them (class probabilities)."""
+    from hypersweep.methods.ensembles import member_outputs
+    from hypersweep.workers.base import build_target_for, load_splits
+    splits = load_splits(config)
+    out = member_outputs(build_target_for(config, splits), torch.as_tensor(weights), splits.x_test)
+    return splits, out.softmax(-1).mean(0).numpy()
+
+
+def test_models_load_with_pyfunc_and_predict_as_hypersweep_evaluates(ensembled_study):
+    """The generative arm's model (the mean of eval_samples weight samples of its best trial)
+    and its distilled averages are MLflow models on the arm run whose pyfunc predictions are
+    hypersweep's, and whose recorded errors are those of the study's own evaluation."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from hypersweep.orchestrator.trials import find_trials, groups
+    from hypersweep.workers.ensemble import sample_members
+    study_dir, uri = ensembled_study
+    models = json.loads((study_dir / "models.json").read_text())
+    runs = json.loads((study_dir / "runs.json").read_text())["arms"]
+    assert set(models) == {"deep/seed0", "hml/seed0"}
+    hml = models["hml/seed0"]
+    trials = groups(find_trials(StudyFolder(study_dir)))[("hml", 0)]
+    config = {**trials[0].config, "device": "cpu"}
+    assert hml["run_id"] == runs["hml/seed0"] and hml["members"] == 16  # hyper-ml's eval_samples
+    drawn = sample_members(config, trials[0].checkpoint(), hml["members"], 0)
+    splits, expected = _hypersweep_prediction(config, drawn["weights"])
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(hml["model_uri"])
+        same = mlflow.pyfunc.load_model(f"runs:/{hml['run_id']}/model")  # the arm run names it too
+        x = splits.x_test.numpy()
+        got = model.predict(x)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_allclose(same.predict(x[:7]), expected[:7], atol=1e-5)
+        assert float((got.argmax(1) != splits.y_test.numpy()).mean()) == pytest.approx(hml["test_error"])
+        shape = model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]
+        assert list(shape) == [-1, *splits.x_test.shape[1:]]  # the data set's input shape (digits: 1 x 8 x 8)
+        assert model.metadata.saved_input_example_info is not None
+        # the distilled averages, one net each, as the ensemble folder's distill.json scores them
+        distilled = json.loads((study_dir / "ensembles" / "hml-seed0" / "models.json").read_text())
+        scores = json.loads((study_dir / "ensembles" / "hml-seed0" / "distill.json").read_text())
+        assert set(distilled) == {"raw", "gauge"}
+        for kind, entry in distilled.items():
+            saved = torch.load(study_dir / "ensembles" / "hml-seed0" / f"distilled-{kind}.pt", weights_only=True)
+            _, expected = _hypersweep_prediction(config, saved["weights"][None])
+            got = mlflow.pyfunc.load_model(entry["model_uri"]).predict(x)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+            assert entry["test_error"] == pytest.approx(scores[kind]["test"]["mean_error"])
+        logged = {m.name for m in MlflowClient(uri).search_logged_models(
+            experiment_ids=[MlflowClient(uri).get_run(runs["hml/seed0"]).info.experiment_id])
+                  if m.source_run_id == runs["hml/seed0"]}
+        assert logged == {"model", "distilled-raw", "distilled-gauge"}
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_distill_registers_the_better_average(ensembled_study, tmp_path):
+    from mlflow.tracking import MlflowClient
+    study_dir, uri = ensembled_study
+    r = CliRunner().invoke(main, ["distill", str(study_dir / "ensembles" / "hml-seed0"), "--out", str(tmp_path / "d"),
+                                  "--tracking-uri", uri, "--register", "hml distilled"])
+    assert r.exit_code == 0, r.output
+    entries = json.loads((tmp_path / "d" / "models.json").read_text())
+    best = min(entries, key=lambda k: entries[k]["val_loss"])
+    assert f"registered distilled-{best} ({entries[best]['model_uri']}) as models:/hml distilled/1" in r.output
+    version = MlflowClient(uri).get_model_version("hml distilled", "1")
+    assert version.run_id == entries[best]["run_id"]
+    r = CliRunner().invoke(main, ["distill", str(study_dir / "ensembles" / "hml-seed0"), "--out", str(tmp_path / "e"),
+                                  "--register", "no/slash"])
+    assert r.exit_code == 2 and "--register 'no/slash': a model name is" in r.output
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -15,9 +15,11 @@ from hypersweep.methods.ensembles import evaluate_ensemble, polyak_average, supp
 from hypersweep.workers.base import CHECKPOINT_FILE, build_method, build_target_for, load_splits, worker_device
 
 
-def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int, sample_seed: int) -> dict[str, Any]:
+def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int | None, sample_seed: int
+                   ) -> dict[str, Any]:
     """Members from one trained trial: k weight samples of a generative method (from a
-    generator seeded with `sample_seed`), or the trained net itself (one member) otherwise.
+    generator seeded with `sample_seed`; k None: as many as its evaluation averages,
+    `eval_samples`), or the trained net itself (one member) otherwise.
     `checkpoint` may live on any filesystem Tune reads. Returns weights (n, P) float32 and
     the regression noise scale of each."""
     device = worker_device(config.get("device", "auto"))
@@ -32,7 +34,7 @@ def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int, 
                          f"hypersweep ({type(e).__name__})") from None
     with torch.no_grad():
         if method.generative:
-            weights = method.sample_weights(k, torch.Generator(device=device).manual_seed(sample_seed))
+            weights = method.sample_weights(k or int(method.hp["eval_samples"]), torch.Generator(device=device).manual_seed(sample_seed))
         else:
             weights = target.flat_weights(method.module)[None]
     log_std = float(method.log_noise_std.detach())
@@ -64,3 +66,21 @@ def distill_weights(config: dict[str, Any], weights: np.ndarray, log_noise_std: 
         noise = None if log_noise_std is None else np.array([float(np.mean(log_noise_std))], np.float32)
         out[kind] = {"weights": avg.numpy(), **evaluate_weights(config, avg[None].numpy(), noise)}
     return out
+
+
+def served_model(config: dict[str, Any], weights: np.ndarray, log_noise_std: np.ndarray | None = None,
+                 examples: int = 5) -> tuple[torch.nn.Module, np.ndarray, dict[str, dict[str, Any]]]:
+    """The members' mean prediction as one torch module (methods/served.py), on the CPU and in
+    eval mode; an input example (the first `examples` test rows); and hypersweep's own
+    evaluation of the same weights on val and test (`evaluate_weights`)."""
+    from hypersweep.methods.served import ServedNet
+    data = load_splits(config)
+    target = build_target_for(config, data)
+    nets = []
+    for w in torch.as_tensor(np.asarray(weights, np.float32)):
+        net = target.module()
+        target.load_flat(net, w)
+        nets.append(net)
+    served = ServedNet(nets, data.task, data.y_mean, data.y_std).eval()
+    example = data.x_test[:examples].float().cpu().numpy()
+    return served, example, evaluate_weights({**config, "device": "cpu"}, weights, log_noise_std)
