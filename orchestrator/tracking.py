@@ -140,6 +140,29 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def init_store(uri: str) -> None:
+    """Make (or upgrade) a sqlite store's tables once, under a lock file beside the database,
+    before anything uses it. MLflow creates and migrates the schema on a process's first access,
+    and processes that do it at once on a new database fail: four at once on a fresh file, three
+    times over, left one of twelve standing (alembic's "Online migration expected to match one
+    row", "table ... already exists"). A study, `hypersweep ui` and `compare` may well start
+    together on the default store. Other stores are left to their server."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # (its INFO lines on table creation)
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -250,6 +273,10 @@ class Tracker:
             from mlflow.tracking import MlflowClient
             # mlflow sets its loggers up when imported; quiet its INFO lines (table creation...) after that.
             logging.getLogger("mlflow").setLevel(logging.WARNING)
+            try:
+                init_store(uri)
+            except Exception as e:  # (a folder that cannot be written...): the first read below says it in one line
+                log.debug("initialising %s: %s", uri, e)
             client = MlflowClient(tracking_uri=uri)
         self.uri, self.client, self.clock, self.sleep = uri, client, clock, sleep
         self.flush_every_s, self.retry_for_s, self.read_wait_s, self.final_wait_s = \
@@ -276,9 +303,17 @@ class Tracker:
             exp = self._read(lambda: client.get_experiment_by_name(experiment), f"experiment {experiment!r}",
                              read_wait_s, drain=False)
             self.experiment_id = exp.experiment_id if exp else self._read(
-                lambda: client.create_experiment(experiment, artifact_location=artifact_root(uri)),
-                f"experiment {experiment!r}", read_wait_s, drain=False)
+                lambda: self._create_experiment(experiment), f"experiment {experiment!r}", read_wait_s, drain=False)
         atexit.register(_close_at_exit, weakref.ref(self))  # `compare`, `ensemble`: no run ends their queue
+
+    def _create_experiment(self, name: str) -> str:
+        """A new experiment, or the one another process made since we looked (studies started together)."""
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root(self.uri))
+        except Exception as err:
+            if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     # -- placeholders ----------------------------------------------------------------------
     def on_run_created(self, callback: Callable[[str, str], None]) -> None:

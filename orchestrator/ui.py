@@ -60,6 +60,8 @@ def free_port() -> int:
 def start_server(uri: str, port: int, artifacts: str | None, log: Path) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:`port` over the store `uri`; artifacts of new experiments
     under `artifacts` (those hypersweep made name their own location, beside the database)."""
+    from hypersweep.orchestrator.tracking import init_store
+    init_store(uri)  # the server's workers would otherwise each make the tables (and race a study starting)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
     if artifacts:

@@ -678,3 +678,18 @@ def test_an_unreachable_store_at_the_start_is_one_line_and_writes_nothing(tmp_pa
     [line] = result.output.splitlines()
     assert line.startswith(f"hypersweep: error: MLflow at {uri} unreachable for 10 s (experiment 'outage')")
     assert time.monotonic() - t0 < 30  # the Tracker's read_wait_s, not mlflow's minutes of retries
+
+
+def test_processes_starting_together_on_a_new_sqlite_store(tmp_path):
+    """A study, `hypersweep ui` and `compare` may start at once on a new default store. MLflow
+    makes the tables on a process's first access, and processes doing it together fail (alembic
+    migrations collide); the Tracker makes them once under a lock: four at once all get the
+    same experiment."""
+    script = ("import sys; from hypersweep.orchestrator.tracking import Tracker; "
+              "print('experiment', Tracker(sys.argv[1], 'together').experiment_id)")
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert len({out.strip().splitlines()[-1] for out in outputs}) == 1, outputs
