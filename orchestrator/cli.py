@@ -407,6 +407,10 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
             for name in (path.REPORT, path.REPORT_HTML, path.ANYTIME):
                 with path.reading(name) as local:
                     tracker.log_artifact(meta["parent_run_id"], local, "report")
+            if status == "finished":  # the models the study's end could not log (MLflow was away then)
+                from hypersweep.orchestrator.models import log_arm_models
+                tracker.flush()
+                log_arm_models(path, tracker.uri, meta.get("arms", {}))
         texts.append(text)
         click.echo(text)
     click.echo(f"written: {', '.join(f'{p[0]}/{p[0].REPORT}' for p in loaded)} (+ report.html, anytime.png)")

@@ -129,13 +129,42 @@ def intro(baseline: str | None, budget_s: float, schedule: str, status: str) -> 
             f"baseline': {baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.")
 
 
+def short_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The arm table with short headers (MLflow's artifact pane shows about 100 characters of a
+    line), the interquartile range in one column; and the legend lines that spell them out."""
+    out, legend = pd.DataFrame({"arm": table["arm"], "search": table["search"], "seeds": table["seeds"]}), []
+
+    def put(short: str, long: str, values) -> None:
+        out[short] = list(values)
+        legend.append(f"- **{short}**: {long}")
+    put("val_loss", "final best validation loss, median over seeds", table["final best val_loss (median)"])
+    put("IQR", "its interquartile range over seeds", (f"{_fmt(lo)}-{_fmt(hi)}" for lo, hi in
+                                                      zip(table["IQR low"], table["IQR high"])))
+    for col in table.columns:
+        if col.endswith(" at best val (median)"):
+            name = col.split(" at best val")[0]
+            put(name, f"{name} of the report with the best val_loss, median over seeds", table[col])
+        elif ", last " in col:
+            name, k = col.split(", last ")[0], col.split(", last ")[1].split()[0]
+            put(f"{name} last{k}", f"{name} averaged over the best trial's last {k} reports, mean +- s.e. over seeds",
+                table[col])
+    put("t base (s)", "arm wall time until the best val_loss reached the baseline's final median, median over "
+        "the seeds that reached it", table["time to baseline (s, median)"])
+    put("reached", "seeds that reached the baseline", table["seeds reaching baseline"])
+    put("used (s)", "wall time the arm used, median over seeds", table["wall time used (s, median)"])
+    put("trials", "trials started, median over seeds", table["trials (median)"])
+    return out, legend
+
+
 def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: float, schedule: str,
              status: str) -> str:
+    """report.md: the intro, the arm table under short headers, and their legend."""
+    short, legend = short_columns(table)
     lines = [f"## {study}", "", intro(baseline, budget_s, schedule, status), "",
-             "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    for row in table.itertuples(index=False):
+             "| " + " | ".join(short.columns) + " |", "|" + "---|" * len(short.columns)]
+    for row in short.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + legend) + "\n"
 
 
 def anytime_plot(curves: pd.DataFrame, path: Path, *, title: str, log_time: bool = False, how: str = "median",

@@ -128,8 +128,11 @@ def test_compare_writes_report_and_plot(searched):
     r = CliRunner().invoke(main, ["compare", str(study_dir), "--log-time"])
     assert r.exit_code == 0, r.output
     report = (study_dir / "report.md").read_text()
-    assert "| arm | search | seeds | final best val_loss (median)" in report and "finished" in report
+    assert "| arm | search | seeds | val_loss | IQR | test_error | t base (s) | reached | used (s) | trials |" in report
+    assert "finished" in report and "- **val_loss**: final best validation loss, median over seeds" in report
     assert all(f"| {arm} |" in report for arm in ("grid", "random", "tpe", "gp", "asha", "pbt"))
+    # narrow enough for MLflow's artifact pane: no table line over 100 characters
+    assert max(len(line) for line in report.splitlines() if line.startswith("|")) <= 100, report
     assert (study_dir / "anytime.png").stat().st_size > 1000
     from mlflow.tracking import MlflowClient
     parent = json.loads((study_dir / "runs.json").read_text())["parent_run_id"]
