@@ -251,6 +251,11 @@ def study_description(study: Study, study_dir: StudyDir) -> str:
             "`anytime/best_val_loss` at step = arm milliseconds.")
 
 
+def parent_name(study: Study) -> str:
+    """The study's MLflow run: its name and start time (UTC), e.g. `quickstart · 2026-11-23 10:15 UTC`."""
+    return f"{study.name} · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
 def _study_params(study: Study, tracking_uri: str) -> dict:
     """The parent run's params: the resolved study, its model by what applies to the model's
     kind, with the store it records to (a flag or MLFLOW_TRACKING_URI named it, not the study
@@ -297,7 +302,7 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     study_dir.create(study.to_yaml())
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
-    parent = tracker.start_run(study_dir.study_id, params=_study_params(study, tracking_uri),
+    parent = tracker.start_run(parent_name(study), params=_study_params(study, tracking_uri),
                                tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
                                      "mlflow.note.content": study_description(study, study_dir)})
     records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
@@ -386,7 +391,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         raise StudyError(f"study {study.name!r}: {problem}")
     parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
     if parent is None:  # died before its parent run was recorded
-        parent = tracker.start_run(study_dir.study_id, params=_study_params(study, uri),
+        parent = tracker.start_run(parent_name(study), params=_study_params(study, uri),
                                    tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
                                          "mlflow.note.content": study_description(study, study_dir)})
     resumes = tracker.reopen(parent)

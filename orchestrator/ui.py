@@ -20,18 +20,23 @@ from urllib.parse import quote
 ARM_FILTER = "tags.kind = 'arm'"
 
 
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
 def experiment_link(base: str, experiment_id: str) -> str:
-    return (f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
-            f"&searchFilter={quote(ARM_FILTER)}")
+    # (the runs route, `/runs`, is the one that reads searchFilter from the URL)
+    return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING}&searchFilter={quote(ARM_FILTER)}"
 
 
-def run_link(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_link(base: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page, or one of its artifacts open in the run's artifact pane."""
+    page = f"/artifacts/{artifact}" if artifact else ""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{page}?{MODEL_TRAINING}"
 
 
 def compare_link(base: str, experiment_id: str, run_ids: list[str]) -> str:
     return (f"{base}/#/compare-runs?runs={quote(json.dumps(sorted(run_ids)))}"
-            f"&experiments={quote(json.dumps([experiment_id]))}")
+            f"&experiments={quote(json.dumps([experiment_id]))}&{MODEL_TRAINING}")
 
 
 def study_links(base: str, runs: dict) -> list[tuple[str, str]]:
@@ -41,7 +46,9 @@ def study_links(base: str, runs: dict) -> list[tuple[str, str]]:
         return [("experiments", f"{base}/#/experiments")]
     links = [("arm runs (model-training view)", experiment_link(base, exp))]
     if parent:
-        links.append(("study run (report, anytime plot)", run_link(base, exp, parent)))
+        links.append(("study run", run_link(base, exp, parent)))
+        links.append(("its report (once `hypersweep compare` wrote it)", run_link(base, exp, parent,
+                                                                                "report/report.html")))
     by_seed: dict[str, list[str]] = {}
     for key, run_id in sorted((runs.get("arms") or {}).items()):
         by_seed.setdefault(key.rpartition("/seed")[2], []).append(run_id)

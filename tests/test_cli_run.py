@@ -1,5 +1,13 @@
 """`hypersweep run` end to end on local Ray with a tiny budget: the records of DESIGN.md."""
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -131,6 +139,8 @@ def test_mlflow_records(finished_study):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    import re
+    assert re.fullmatch(r"tiny · \d{4}-\d\d-\d\d \d\d:\d\d UTC", parent.info.run_name), parent.info.run_name
     assert parent.data.params["tracking.uri"] == uri  # given by --tracking-uri, not the study file
     assert parent.data.params["model.hidden"] == "[16]" and "model.channels" not in parent.data.params
     assert "**fixed**: sgd, search fixed" in parent.data.tags["mlflow.note.content"]
@@ -216,19 +226,10 @@ def test_every_run_of_the_store_is_whole(finished_study):
             assert run.info.run_name.startswith(f"{run.data.tags['arm']} · seed {run.data.tags['seed_index']} · trial ")
 
 
-def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study):
-    """`hypersweep ui STUDY_DIR --port 0`: an MLflow server on 127.0.0.1 over the study's
-    store; the printed links name the study's experiment (model-training view, arm runs), its
-    parent run and a compare page per seed, all of which the server knows; Ctrl-C stops it."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.parse
-    import urllib.request
-    study_dir, uri, _ = finished_study
+@contextlib.contextmanager
+def hypersweep_ui(study_dir):
+    """`hypersweep ui STUDY_DIR --port 0` in its own process group: (process, its output up to
+    the last link, the UI's base URL); killed afterwards if it is still up."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "hypersweep.orchestrator.cli", "ui", str(study_dir), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -240,11 +241,26 @@ def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study)
             assert line, "".join(lines)
             lines.append(line)
         out = "".join(lines)
-        base = re.search(r"MLflow UI on (http://127\.0\.0\.1:\d+)", out).group(1)
+        yield proc, out, re.search(r"MLflow UI on (http://127\.0\.0\.1:\d+)", out).group(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study):
+    """`hypersweep ui STUDY_DIR --port 0`: an MLflow server on 127.0.0.1 over the study's
+    store; the printed links name the study's experiment (model-training view, arm runs), its
+    parent run, its report and a compare page per seed, all of which the server knows; Ctrl-C
+    stops it."""
+    import urllib.parse
+    import urllib.request
+    study_dir, uri, _ = finished_study
+    with hypersweep_ui(study_dir) as (proc, out, base):
         runs = json.loads((study_dir / "runs.json").read_text())
         exp, parent = runs["experiment_id"], runs["parent_run_id"]
-        assert f"{base}/#/experiments/{exp}?workflowType=machine_learning&searchFilter=" in out
-        assert f"{base}/#/experiments/{exp}/runs/{parent}" in out
+        assert f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning&searchFilter=" in out
+        assert f"{base}/#/experiments/{exp}/runs/{parent}?workflowType=machine_learning" in out
+        assert f"{base}/#/experiments/{exp}/runs/{parent}/artifacts/report/report.html?workflowType=" in out
         for seed in (0, 1):
             link = re.search(rf"compare the arms, seed {seed}: (\S+)", out).group(1)
             ids = json.loads(urllib.parse.unquote(re.search(r"runs=([^&]+)", link).group(1)))
@@ -257,6 +273,80 @@ def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study)
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0 and "stopped" in rest, rest
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def chromium_path() -> str | None:
+    """A system Chromium (Debian's `chromium`; HYPERSWEEP_CHROMIUM names another)."""
+    return os.environ.get("HYPERSWEEP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+def test_the_study_reads_in_the_mlflow_ui_of_a_real_browser(finished_study, tmp_path):
+    """What a user sees, in headless Chromium against `hypersweep ui`: the experiment in its
+    model-training view lists the arm runs of both arms by readable names; a seed's compare
+    page shows anytime/best_val_loss of both arms; the study run's artifact pane shows the HTML
+    report (its table and one curve per arm) and the anytime plot. Screenshots: tmp_path."""
+    chromium = chromium_path()
+    if not chromium:
+        pytest.skip("no chromium here (.ci/run installs Debian's chromium; or set HYPERSWEEP_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from mlflow.tracking import MlflowClient
+    study_dir, uri, _ = finished_study
+    r = CliRunner().invoke(main, ["compare", str(study_dir)])  # the report, logged on the study run
+    assert r.exit_code == 0, r.output
+    runs = json.loads((study_dir / "runs.json").read_text())
+    client = MlflowClient(uri)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with hypersweep_ui(study_dir) as (proc, out, base), sync_api.sync_playwright() as p:
+        links = dict(re.findall(r"^\s+(.*?): (http\S+)$", out, re.M))
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            def page_at(url):
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(url)
+                return page
+
+            expect = sync_api.expect
+            # 1. the arm runs, filtered by kind, in the model-training view (not GenAI's)
+            page = page_at(links["arm runs (model-training view)"])
+            expect(page.get_by_placeholder(re.compile("metrics"))).to_have_value("tags.kind = 'arm'")
+            expect(page.get_by_text("Model training", exact=True)).to_be_visible()
+            page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold the study run
+            for arm in ("fixed", "rand"):
+                for seed in (0, 1):
+                    expect(page.get_by_role("link", name=f"{arm} · seed {seed}", exact=True)).to_be_visible()
+            page.screenshot(path=shots / "experiment.png")
+            # 2. seed 0's compare page: both arm runs, with their anytime/best_val_loss
+            page = page_at(links["compare the arms, seed 0"])
+            expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
+            metric = page.get_by_role("link", name="anytime/best_val_loss", exact=True)
+            expect(metric).to_be_visible()
+            for arm in ("fixed", "rand"):  # each run's final value, on the plot's axis (5 decimals)
+                final = client.get_run(runs["arms"][f"{arm}/seed0"]).data.metrics["anytime/best_val_loss"]
+                expect(page.locator("body")).to_contain_text(f"{final:.5f}")
+                expect(page.get_by_text(f"{arm} · seed 0", exact=True).first).to_be_visible()
+            page.screenshot(path=shots / "compare-seed0.png", full_page=True)
+            metric.click()  # the metric's chart: both runs' curves against step = arm milliseconds
+            expect(page.get_by_text("fixed · seed 0").first).to_be_visible()
+            expect(page.get_by_text("rand · seed 0").first).to_be_visible()
+            page.wait_for_timeout(2000)  # (the chart draws after its data arrives)
+            page.screenshot(path=shots / "compare-seed0-anytime.png")
+            # 3. the study run's artifact pane: report.html (table, a curve per arm), anytime.png
+            page = page_at(links["its report (once `hypersweep compare` wrote it)"])
+            report = page.frame_locator("iframe").first
+            expect(report.get_by_text("Anytime: best validation loss against arm wall time")).to_be_visible()
+            expect(report.locator("polyline")).to_have_count(2)
+            expect(report.locator("td", has_text="rand").first).to_be_visible()
+            page.screenshot(path=shots / "report.png")
+            page.get_by_text("anytime.png", exact=True).click()
+            image = page.locator("img[src^='blob:'], img[src*='get-artifact']").first
+            expect(image).to_be_visible()
+            assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 300
+            page.screenshot(path=shots / "anytime.png")
+        finally:
+            browser.close()
+    print(f"screenshots: {shots}")
+    assert sorted(x.name for x in shots.iterdir()) == ["anytime.png", "compare-seed0-anytime.png", "compare-seed0.png",
+                                                       "experiment.png", "report.png"]
