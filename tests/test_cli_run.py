@@ -127,6 +127,17 @@ def test_results_parquet_one_row_per_report(finished_study):
     arms = json.loads((study_dir / "arms.json").read_text())
     assert arms["fixed/seed0"]["trial_resources"] == {"cpu": 2.0, "gpu": 0.0}
     assert arms["rand/seed0"]["trial_resources"] == {"cpu": 1.0, "gpu": 0.0}
+    # The compute each arm used beside its wall time: per trial, CPU time never falls between
+    # reports, and the arm's total is the sum of its trials' last figures, within what its
+    # 2 CPUs could give in its wall time (the trials' setup falls inside the arm's time).
+    assert df.groupby("trial_id").cpu_time_s.apply(lambda c: c.is_monotonic_increasing).all()
+    for key, arm in arms.items():
+        name, k = key.split("/seed")
+        mine = df[(df.arm == name) & (df.seed_index == int(k))]
+        assert arm["cpu_s"] == pytest.approx(mine.groupby("trial_id").cpu_time_s.max().sum(), abs=1e-3)
+        assert 0 < arm["cpu_s"] <= 2 * arm["wall_time_used_s"] + 1.0, (key, arm)
+        assert arm["gpu_s"] == 0.0
+    assert "CPU time (s)" in (study_dir / "summary.md").read_text()
 
 
 def test_mlflow_records(finished_study):
@@ -172,6 +183,7 @@ def test_mlflow_records(finished_study):
         assert [times[m.step] for m in curve] == pytest.approx([m.step / 1000 for m in curve], abs=0.002)
         summary = child.data.metrics
         assert summary["summary/best_val_loss"] == pytest.approx(min(anytime)) and summary["summary/trials"] >= 1
+        assert summary["summary/cpu_time_s"] > 0 and summary["summary/gpu_s"] == 0
         trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         arm_rows = df[(df.arm == tags["arm"]) & (df.seed_index == int(tags["seed_index"]))]
         assert len(trials) == arm_rows.trial_id.nunique()
@@ -302,49 +314,56 @@ def test_the_study_reads_in_the_mlflow_ui_of_a_real_browser(finished_study, tmp_
         links = dict(re.findall(r"^\s+(.*?): (http\S+)$", out, re.M))
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            def page_at(url):
+            @contextlib.contextmanager
+            def page_at(url, name):
+                """A fresh page at `url`; a check that fails there fails with the page's text
+                (and a screenshot `<name>-failed.png`)."""
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.set_default_timeout(60_000)
                 page.goto(url)
-                return page
+                try:
+                    yield page
+                except AssertionError as e:
+                    page.screenshot(path=shots / f"{name}-failed.png")
+                    raise AssertionError(f"{e}\n--- {url}, page text ---\n{page.inner_text('body')[:6000]}") from None
 
             expect = sync_api.expect
             # 1. the arm runs, filtered by kind, in the model-training view (not GenAI's)
-            page = page_at(links["arm runs (model-training view)"])
-            expect(page.get_by_placeholder(re.compile("metrics"))).to_have_value("tags.kind = 'arm'")
-            expect(page.get_by_text("Model training", exact=True)).to_be_visible()
-            page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold the study run
-            for arm in ("fixed", "rand"):
-                for seed in (0, 1):
-                    expect(page.get_by_role("link", name=f"{arm} · seed {seed}", exact=True)).to_be_visible()
-            page.screenshot(path=shots / "experiment.png")
+            with page_at(links["arm runs (model-training view)"], "experiment") as page:
+                expect(page.get_by_placeholder(re.compile("metrics"))).to_have_value("tags.kind = 'arm'")
+                expect(page.get_by_text("Model training", exact=True)).to_be_visible()
+                page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold the study run
+                for arm in ("fixed", "rand"):
+                    for seed in (0, 1):
+                        expect(page.get_by_role("link", name=f"{arm} · seed {seed}", exact=True)).to_be_visible()
+                page.screenshot(path=shots / "experiment.png")
             # 2. seed 0's compare page: both arm runs, with their anytime/best_val_loss
-            page = page_at(links["compare the arms, seed 0"])
-            expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
-            metric = page.get_by_role("link", name="anytime/best_val_loss", exact=True)
-            expect(metric).to_be_visible()
-            for arm in ("fixed", "rand"):  # each run's final value, on the plot's axis (5 decimals)
-                final = client.get_run(runs["arms"][f"{arm}/seed0"]).data.metrics["anytime/best_val_loss"]
-                expect(page.locator("body")).to_contain_text(f"{final:.5f}")
-                expect(page.get_by_text(f"{arm} · seed 0", exact=True).first).to_be_visible()
-            page.screenshot(path=shots / "compare-seed0.png", full_page=True)
-            metric.click()  # the metric's chart: both runs' curves against step = arm milliseconds
-            expect(page.get_by_text("fixed · seed 0").first).to_be_visible()
-            expect(page.get_by_text("rand · seed 0").first).to_be_visible()
-            page.wait_for_timeout(2000)  # (the chart draws after its data arrives)
-            page.screenshot(path=shots / "compare-seed0-anytime.png")
+            with page_at(links["compare the arms, seed 0"], "compare") as page:
+                expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
+                metric = page.get_by_role("link", name="anytime/best_val_loss", exact=True)
+                expect(metric).to_be_visible()
+                for arm in ("fixed", "rand"):  # each run's final value, on the plot's axis (5 decimals)
+                    final = client.get_run(runs["arms"][f"{arm}/seed0"]).data.metrics["anytime/best_val_loss"]
+                    expect(page.locator("body")).to_contain_text(f"{final:.5f}")
+                    expect(page.get_by_text(f"{arm} · seed 0", exact=True).first).to_be_visible()
+                page.screenshot(path=shots / "compare-seed0.png", full_page=True)
+                metric.click()  # the metric's chart: both runs' curves against step = arm milliseconds
+                expect(page.get_by_text("fixed · seed 0").first).to_be_visible()
+                expect(page.get_by_text("rand · seed 0").first).to_be_visible()
+                page.wait_for_timeout(2000)  # (the chart draws after its data arrives)
+                page.screenshot(path=shots / "compare-seed0-anytime.png")
             # 3. the study run's artifact pane: report.html (table, a curve per arm), anytime.png
-            page = page_at(links["its report (once `hypersweep compare` wrote it)"])
-            report = page.frame_locator("iframe").first
-            expect(report.get_by_text("Anytime: best validation loss against arm wall time")).to_be_visible()
-            expect(report.locator("polyline")).to_have_count(2)
-            expect(report.locator("td", has_text="rand").first).to_be_visible()
-            page.screenshot(path=shots / "report.png")
-            page.get_by_text("anytime.png", exact=True).click()
-            image = page.locator("img[src^='blob:'], img[src*='get-artifact']").first
-            expect(image).to_be_visible()
-            assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 300
-            page.screenshot(path=shots / "anytime.png")
+            with page_at(links["its report (once `hypersweep compare` wrote it)"], "report") as page:
+                report = page.frame_locator("iframe").first
+                expect(report.get_by_text("Anytime: best validation loss against arm wall time")).to_be_visible()
+                expect(report.locator("polyline")).to_have_count(2)
+                expect(report.locator("td", has_text="rand").first).to_be_visible()
+                page.screenshot(path=shots / "report.png")
+                page.get_by_text("anytime.png", exact=True).click()
+                image = page.locator("img[src^='blob:'], img[src*='get-artifact']").first
+                expect(image).to_be_visible()
+                assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 300
+                page.screenshot(path=shots / "anytime.png")
         finally:
             browser.close()
     print(f"screenshots: {shots}")
