@@ -173,6 +173,7 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
     status.wall_time_used_s = outcome["used"] if outcome else status.elapsed_s
     status.timeline = (outcome or {}).get("timeline", status.timeline)
     status.trial_resources = (outcome or {}).get("trial_resources", status.trial_resources)
+    recorder.count_compute()
     status.elapsed_s = status.wall_time_used_s
     if recorder.write_error is not None:  # the study directory took no more: stop like an interrupt
         status.status = "interrupted"

@@ -29,6 +29,10 @@ class ArmStatus:
     extensions: int = 0  # times `resume --budget-s` lengthened this arm after it had run out its budget
     trial_resources: dict = field(default_factory=dict)  # Ray resources of each of its trials (planning.trial_resources)
     timeline: dict = field(default_factory=dict)  # the arm's last Tune run: where its time went (tune_run.LiveArm)
+    # compute its trials used: CPU time of their processes (from setup to their last report) and
+    # GPU-seconds (each trial's wall time x the GPUs it was given: an allocation, not a measurement)
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
 
     @property
     def ended(self) -> bool:
@@ -80,22 +84,25 @@ def summary_table(statuses: list[ArmStatus], task: str) -> Table:
     val_col, test_col = quality_columns(task)
     table = Table(title="hypersweep: summary (best report by val_loss per arm x seed)", title_justify="left")
     for col in ("arm", "seed", "status", "best val_loss", val_col, f"{test_col} at best val", "wall time used (s)",
-                "within budget", "trials"):
+                "within budget", "CPU time (s)", "trials"):
         table.add_column(col, justify="left" if col in ("arm", "status") else "right")
     for s in statuses:
         table.add_row(s.arm, str(s.seed_index), s.status, _fmt(s.best_val_loss), _fmt(s.best_row.get(val_col)),
                       _fmt(s.best_row.get(test_col)), f"{s.wall_time_used_s:.1f}", "yes" if s.within_budget else "NO",
-                      str(s.trials_started))
+                      f"{s.cpu_s:.1f}", str(s.trials_started))
     return table
 
 
 def summary_markdown(statuses: list[ArmStatus], task: str) -> str:
     val_col, test_col = quality_columns(task)
     lines = [f"| arm | seed | status | best val_loss | {val_col} | {test_col} at best val | wall time used (s) | "
-             "within budget | trials |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "within budget | CPU time (s) | GPU (s) | trials |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in statuses:
         lines.append(f"| {s.arm} | {s.seed_index} | {s.status} | {_fmt(s.best_val_loss)} | "
                      f"{_fmt(s.best_row.get(val_col))} | {_fmt(s.best_row.get(test_col))} | "
-                     f"{s.wall_time_used_s:.1f} | {'yes' if s.within_budget else 'NO'} | {s.trials_started} |")
-    return "\n".join(lines) + "\n"
+                     f"{s.wall_time_used_s:.1f} | {'yes' if s.within_budget else 'NO'} | {s.cpu_s:.1f} | "
+                     f"{s.gpu_s:.1f} | {s.trials_started} |")
+    return "\n".join(lines) + "\n\nEvery arm x seed had the same wall-clock budget on the same resources (a one-trial " \
+        "arm: every worker slot's CPUs as torch threads, or one whole GPU). CPU time: what its trials' processes used " \
+        "from their setup to their last report; GPU: each trial's wall time x the GPUs it was given.\n"

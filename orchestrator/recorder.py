@@ -94,6 +94,7 @@ class Recorder:
         self.end_sent = {"val_loss": 0, "summary": -1, "ensemble": -1}  # (last steps: -1 none)
         self.write_error: Unwritable | None = None  # the study directory refused a write: the study stops
         self._anytime_last = -1  # the anytime curve's last step (arm milliseconds)
+        self._used: dict[str, tuple[float, float]] = {}  # trial -> (CPU s, wall s) at its latest report
         u = ctx.unit
         study_dir.mend_journal(u.arm.name, u.seed_index)
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
@@ -127,6 +128,7 @@ class Recorder:
         sent = tracker.last_step(c.run_id, ANYTIME_TIME)
         best = math.inf
         for row in journal:
+            self._count_compute(row)
             if row.get("val_loss", math.inf) < best:
                 best, s.best_val_loss, s.best_row = row["val_loss"], row["val_loss"], row
             step = self._anytime_step(row["arm_time_s"])
@@ -138,6 +140,20 @@ class Recorder:
             "summary": tracker.last_step(c.run_id, f"{SUMMARY}trial_errors", default=-1),
             "ensemble": max(tracker.last_step(c.run_id, key, default=-1)
                             for key in ("ensemble.members", "ensemble_time_s"))}
+
+    def _count_compute(self, row: dict[str, Any]) -> None:
+        """The arm's CPU and GPU seconds: per trial, its latest report's own figures (they count
+        from the trial's setup, earlier incarnations included), summed over trials."""
+        cpu, wall = self._used.get(row["trial_id"], (0.0, 0.0))
+        self._used[row["trial_id"]] = (max(cpu, row.get("cpu_time_s", 0.0)), max(wall, row.get("wall_time_s", 0.0)))
+        self.count_compute()
+
+    def count_compute(self) -> None:
+        """ArmStatus.cpu_s and gpu_s from the trials' latest reports (GPU: once the arm's trial
+        resources are known)."""
+        s = self.ctx.status
+        s.cpu_s = sum(cpu for cpu, _ in self._used.values())
+        s.gpu_s = sum(wall for _, wall in self._used.values()) * float(s.trial_resources.get("gpu", 0.0))
 
     def _anytime_step(self, arm_time_s: float) -> int:
         """The anytime curve's step for a report at `arm_time_s`: the arm's milliseconds, one
@@ -206,6 +222,7 @@ class Recorder:
         self.tracker.log_metrics(self._trial_run(trial_id, hp, where), {**metrics, "arm_time_s": arm_time}, step)
         s = c.status
         s.reports += 1
+        self._count_compute(row)
         val = metrics.get("val_loss", math.inf)
         if val < s.best_val_loss:
             s.best_val_loss, s.best_row = val, row
@@ -218,7 +235,8 @@ class Recorder:
         """The arm run's summary: its best trial's history and hyperparameters, wall time,
         trials, errors."""
         status, rows, run_id = self.ctx.status, self.rows, self.ctx.run_id
-        summary = {"wall_time_used_s": status.wall_time_used_s, "trials": status.trials_started,
+        summary = {"wall_time_used_s": status.wall_time_used_s, "cpu_time_s": status.cpu_s, "gpu_s": status.gpu_s,
+                   "trials": status.trials_started,
                    "trial_errors": errors, "reports": status.reports, "best_val_loss": status.best_val_loss}
         # A resumed arm may have written part of this before the coordinator died: once each.
         # (An arm a longer budget extended is summarised again, at its new report count.)

@@ -102,6 +102,7 @@ def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None,
         reach = [time_to_reach(c, target) for _, c in curves[curves.arm == arm].groupby("seed_index")]
         reached = [r for r in reach if not math.isnan(r)]
         used = [a["wall_time_used_s"] for a in (arms or {}).values() if a["arm"] == arm]
+        cpu = [a["cpu_s"] for a in (arms or {}).values() if a["arm"] == arm and "cpu_s" in a]
         trials = df[df.arm == arm].groupby("seed_index").trial_id.nunique()
         rows.append({"arm": arm, "search": searches[arm], "seeds": len(f),
                      "final best val_loss (median)": f.best_val_loss.median(),
@@ -110,6 +111,7 @@ def arm_table(df: pd.DataFrame, arms: dict[str, dict[str, Any]] | None = None,
                      "time to baseline (s, median)": float(np.median(reached)) if reached else math.nan,
                      "seeds reaching baseline": f"{len(reached)}/{len(reach)}",
                      "wall time used (s, median)": float(np.median(used)) if used else math.nan,
+                     "CPU time (s, median)": float(np.median(cpu)) if cpu else math.nan,
                      "trials (median)": float(trials.median())})
         if last_k:
             mean, se = last_reports(df, arm, last_k, f"test_{q}")
@@ -125,8 +127,10 @@ def _fmt(v: Any) -> str:
 
 def intro(baseline: str | None, budget_s: float, schedule: str, status: str) -> str:
     """The report's first line: budget, schedule, status and the baseline."""
-    return (f"Budget {budget_s:g} s per arm x seed; arms ran {schedule}; {status}. Baseline for 'time to "
-            f"baseline': {baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.")
+    return (f"Compared at equal wall-clock budget: {budget_s:g} s per arm x seed on the same resources (a one-trial "
+            f"arm gets every worker slot's CPUs, or one whole GPU); the CPU time each used is in its row. Arms ran "
+            f"{schedule}; {status}. Baseline for 'time to baseline': "
+            f"{baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.")
 
 
 def short_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -148,10 +152,12 @@ def short_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             name, k = col.split(", last ")[0], col.split(", last ")[1].split()[0]
             put(f"{name} last{k}", f"{name} averaged over the best trial's last {k} reports, mean +- s.e. over seeds",
                 table[col])
-    put("t base (s)", "arm wall time until the best val_loss reached the baseline's final median, median over "
+    put("t_base", "arm wall time (s) until the best val_loss reached the baseline's final median, median over "
         "the seeds that reached it", table["time to baseline (s, median)"])
     put("reached", "seeds that reached the baseline", table["seeds reaching baseline"])
-    put("used (s)", "wall time the arm used, median over seeds", table["wall time used (s, median)"])
+    put("wall", "wall time the arm used (s), median over seeds", table["wall time used (s, median)"])
+    put("CPU", "CPU time its trials' processes used (s, every thread), median over seeds",
+        table["CPU time (s, median)"])
     put("trials", "trials started, median over seeds", table["trials (median)"])
     return out, legend
 

@@ -211,7 +211,8 @@ class StudyRecords:
         self.study_dir.write_arms({f"{s.arm}/seed{s.seed_index}": {
             "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
             "wall_time_used_s": s.elapsed_s if s.status == "running" else s.wall_time_used_s,
-            "within_budget": s.within_budget, "trials": s.trials_started, "reports": s.reports,
+            "within_budget": s.within_budget, "cpu_s": round(s.cpu_s, 3), "gpu_s": round(s.gpu_s, 3),
+            "trials": s.trials_started, "reports": s.reports,
             "interruptions": s.interruptions, "trial_errors": s.trial_errors, "extensions": s.extensions,
             "schedule": self.study.budget.schedule,
             **({"trial_resources": s.trial_resources} if s.trial_resources else {}),
@@ -350,6 +351,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             s.interruptions = int(saved.get("interruptions", 0))
             s.trial_errors = int(saved.get("trial_errors", 0))
             s.extensions = int(saved.get("extensions", 0))
+            s.cpu_s, s.gpu_s = float(saved.get("cpu_s", 0.0)), float(saved.get("gpu_s", 0.0))
             s.timeline = saved.get("timeline") if isinstance(saved.get("timeline"), dict) else {}
             s.trial_resources = saved.get("trial_resources") if isinstance(saved.get("trial_resources"), dict) else {}
             if s.ended:

@@ -128,7 +128,7 @@ def test_compare_writes_report_and_plot(searched):
     r = CliRunner().invoke(main, ["compare", str(study_dir), "--log-time"])
     assert r.exit_code == 0, r.output
     report = (study_dir / "report.md").read_text()
-    assert "| arm | search | seeds | val_loss | IQR | test_error | t base (s) | reached | used (s) | trials |" in report
+    assert "| arm | search | seeds | val_loss | IQR | test_error | t_base | reached | wall | CPU | trials |" in report
     assert "finished" in report and "- **val_loss**: final best validation loss, median over seeds" in report
     assert all(f"| {arm} |" in report for arm in ("grid", "random", "tpe", "gp", "asha", "pbt"))
     # narrow enough for MLflow's artifact pane: no table line over 100 characters

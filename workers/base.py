@@ -116,6 +116,9 @@ class MethodTrainable(tune.Trainable):
         self._t0 = time.monotonic()
         self._elapsed_before = 0.0  # wall time of earlier incarnations of this trial (restores)
         self._restores = 0  # times this trial went on from a checkpoint (a worker died, a study resumed, PBT)
+        # CPU time of this trial's process (every thread: torch's too) since its setup, earlier
+        # incarnations included: what the arm's compute was, next to its wall time
+        self._cpu0, self._cpu_before = time.process_time(), 0.0
         self.device = worker_device(config.get("device", "auto"))
         self.where = placement(self.device)
         self.splits, self.target, self.method = build_method(config, self.device)
@@ -173,12 +176,16 @@ class MethodTrainable(tune.Trainable):
         report["step_time_s"] = time.monotonic() - t
         report["wall_time_s"] = self._elapsed_before + time.monotonic() - self._t0
         report["restores"] = self._restores
+        report["cpu_time_s"] = self._cpu_time()
         report.update(self.where)
         return report
 
+    def _cpu_time(self) -> float:
+        return self._cpu_before + time.process_time() - self._cpu0
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0,
-                     restores=self._restores)
+                     restores=self._restores, cpu=self._cpu_time())
         torch.save(state, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
@@ -187,6 +194,7 @@ class MethodTrainable(tune.Trainable):
         self.method.load_state_dict(state)
         self._elapsed_before, self._t0 = float(state["elapsed"]), time.monotonic()
         self._restores = int(state.get("restores", 0)) + 1
+        self._cpu_before, self._cpu0 = float(state.get("cpu", 0.0)), time.process_time()
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self.setup(new_config)
