@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from hypersweep.methods.augment import crop_flip
 from hypersweep.methods.clock import Deadline
@@ -24,6 +25,7 @@ from hypersweep.methods.losses import metrics, task_loss
 from hypersweep.methods.passes import minibatch_pass
 from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import TargetNet
+from hypersweep.methods.tuned import inv_softplus
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
@@ -33,6 +35,9 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("weight_decay", 0.0, 0.0, 1.0),
         HParam("batch_size", 64, 1, 1 << 20, kind=int),
         HParam("input_noise", 0.0, 0.0, 10.0, doc="std of Gaussian noise added to standardised inputs"),
+        HParam("learn_input_noise", 0, 0, 1, kind=int,
+               doc="1: the input noise std is learned, softplus(rho) from input_noise, as hyper-ml's is "
+                   "(Sheikh et al. give their SGD baseline the same)"),
         HParam("dropout_in", 0.0, 0.0, 0.95, doc="input dropout"),
         HParam("dropout", 0.0, 0.0, 0.95, doc="dropout after every hidden layer (dropout_<k> overrides layer k)"),
         HParam("augment", 0, 0, 1, kind=int, doc="1: random crop (pad 4) and horizontal flip, images only"),
@@ -66,10 +71,16 @@ class SGD:
         self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # dropout, input noise, augmentation
         self.module = target.module().to(self.device)
         target.load_flat(self.module, target.init_weights(stream_generator(seed, Stream.INIT)))
+        learned = bool(self.hp["learn_input_noise"])
         self.module.reg.configure(dropout=dropout_rates(self.hp, target.n_dropout_sites),
-                                  input_noise=self.hp["input_noise"], generator=self.noise_gen)
+                                  input_noise=0.0 if learned else self.hp["input_noise"], generator=self.noise_gen)
         self.log_noise_std = torch.zeros((), device=self.device, requires_grad=True)  # regression only
+        # learned input noise: its std softplus(rho) is trained with the net (None: fixed or none)
+        self.input_noise_rho = torch.tensor(inv_softplus(self.hp["input_noise"] or 0.5), device=self.device,
+                                            requires_grad=True) if learned else None
         params = list(self.module.parameters())
+        if learned:
+            params.append(self.input_noise_rho)
         if splits.task == "regression":
             params.append(self.log_noise_std)
         self.optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=self.hp["momentum"],
@@ -77,6 +88,8 @@ class SGD:
         self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
         self.epoch = 0
         self.schedule = sorted(([int(e), dict(v)] for e, v in schedule), key=lambda item: item[0]) if schedule else []
+        if learned and any("input_noise" in dict(v) for _, v in self.schedule):
+            raise ValueError("schedule: input_noise cannot be scheduled when it is learned (learn_input_noise: 1)")
         names = {"dropout_in", "input_noise", *(f"dropout_{k}" for k in range(1, target.n_dropout_sites))}
         for _, values in self.schedule:
             unknown = sorted(set(values) - names)
@@ -99,11 +112,14 @@ class SGD:
         reg.dropout = rates
 
     def diagnostics(self) -> dict[str, float]:
-        """With a schedule: the values in use (`hp/<name>`), comparable with the STN's reports."""
+        """With a schedule: the values in use (`hp/<name>`), comparable with the STN's reports;
+        with learned input noise: its std now (`input_noise`, as hyper-ml reports its own)."""
+        out = {"input_noise": float(F.softplus(self.input_noise_rho.detach()))} if self.input_noise_rho is not None else {}
         if not self.schedule:
-            return {}
+            return out
         reg = self.module.reg
-        out = {"hp/input_noise": reg.input_noise} if any("input_noise" in v for _, v in self.schedule) else {}
+        if any("input_noise" in v for _, v in self.schedule):
+            out["hp/input_noise"] = reg.input_noise
         out.update({"hp/dropout_in" if k == 0 else f"hp/dropout_{k}": r for k, r in enumerate(reg.dropout)})
         return out
 
@@ -119,6 +135,9 @@ class SGD:
 
         def step(idx):
             xb = crop_flip(x[idx], self.noise_gen) if self.hp["augment"] else x[idx]
+            if self.input_noise_rho is not None:
+                xb = xb + F.softplus(self.input_noise_rho) * torch.randn(xb.shape, generator=self.noise_gen,
+                                                                         device=self.device)
             loss = self.loss(self.module(xb), y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -140,13 +159,16 @@ class SGD:
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "log_noise_std": self.log_noise_std.detach().clone(), "epoch": self.epoch,
-                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
+                **({"input_noise_rho": self.input_noise_rho.detach().clone()} if self.input_noise_rho is not None else {})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             self.log_noise_std.copy_(state["log_noise_std"])
+            if self.input_noise_rho is not None:
+                self.input_noise_rho.copy_(state["input_noise_rho"])
         self.epoch = int(state["epoch"])
         self.data_gen.set_state(state["data_gen"])
         self.noise_gen.set_state(state["noise_gen"])

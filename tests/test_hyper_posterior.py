@@ -41,12 +41,17 @@ def test_sharing_and_blocks():
         _method(sharing="layer")
 
 
-def test_initial_spread_is_calibrated():
-    for prior in ("uniform", "normal"):
+def test_initial_spread_is_calibrated_on_a_reference_and_keeps_the_priors_variance():
+    """The heads are scaled once so that N(0,1) latents spread the scales by modulation_init;
+    the prior is not calibrated away: the uniform priors (variance 1/12 and 1/3) start narrower
+    (measured here: 0.12 for both, against 0.20; calibrating on each prior made all 0.20)."""
+    spreads = {}
+    for prior in ("normal", "uniform-sym", "uniform"):
         m = _method(prior=prior, modulation_init=0.2)
         rows, cols = m.draw(512, torch.Generator().manual_seed(1))
-        spread = torch.cat([t.detach().reshape(-1) - 1 for t in [*rows.values(), *cols.values()]]).std()
-        assert abs(float(spread) - 0.2) < 0.03
+        spreads[prior] = float(torch.cat([t.detach().reshape(-1) - 1 for t in [*rows.values(), *cols.values()]]).std())
+    assert abs(spreads["normal"] - 0.2) < 0.03
+    assert max(spreads["uniform"], spreads["uniform-sym"]) < 0.75 * spreads["normal"], spreads
 
 
 @pytest.mark.parametrize("kind", ["mlp", "resnet"])

@@ -1,4 +1,5 @@
 """`sgd` learns, regularises as asked, and the same seed gives the same numbers in a fresh process."""
+import copy
 import json
 import subprocess
 import sys
@@ -52,6 +53,27 @@ def test_regularisation_changes_training_but_not_evaluation():
     plain, noisy = _sgd(seed=1), _sgd(seed=1, dropout=0.5, input_noise=0.5)
     assert plain.evaluate("val") == noisy.evaluate("val")  # same init, eval mode has no noise
     assert plain.train_epoch() != noisy.train_epoch()
+
+
+def test_learned_input_noise_is_trained_and_restored_exactly():
+    """learn_input_noise (hyper-ml's, for the paper's SGD baseline): its std starts at
+    input_noise, moves with training, is reported, and a restored run takes the same next step."""
+    m = _sgd("boston", hidden=(16,), seed=3, lr=0.01, batch_size=16, input_noise=0.3, learn_input_noise=1)
+    assert m.diagnostics()["input_noise"] == pytest.approx(0.3, rel=1e-5)
+    assert m.module.reg.input_noise == 0.0  # the learned noise replaces the fixed one, not added to it
+    m.train_epoch()
+    state = copy.deepcopy(m.state_dict())  # (as a checkpoint on disk holds it)
+    moved = m.diagnostics()["input_noise"]
+    assert moved != pytest.approx(0.3, rel=1e-3)
+    expected = m.train_epoch()
+    twin = _sgd("boston", hidden=(16,), seed=3, lr=0.01, batch_size=16, input_noise=0.3, learn_input_noise=1)
+    twin.load_state_dict(state)
+    assert twin.diagnostics()["input_noise"] == pytest.approx(moved)
+    assert twin.train_epoch() == expected
+    with pytest.raises(ValueError, match="input_noise cannot be scheduled when it is learned"):
+        splits = data.load("digits", seed=0)
+        SGD(build_target("mlp", splits.input_shape, 10, hidden=(8,)), splits, {"learn_input_noise": 1}, seed=0,
+            schedule=[[0, {"input_noise": 0.1}]])
 
 
 _SCRIPT = """
