@@ -1,6 +1,7 @@
-"""How the coordinator's cost grows: time and memory per trial for 10, 100 and 1,000 trivial
-trials (each with 10 reports), recorded exactly as in a study (results rows, one MLflow run
-per trial, buffered metrics, the arm's anytime curve) into a fresh SQLite store; and MLflow's
+"""How the coordinator's cost grows: time and memory per trial for 10, 100, 1,000 and 10,000 trivial
+trials (each with 10 reports), recorded exactly as in a study (journal and results rows, one
+MLflow run per trial, buffered metrics, the arm's anytime curve, runs.json and arms.json) into
+a fresh SQLite store; and MLflow's
 cost per metric value with and without batching. Tune itself is left out: its per-trial cost
 is the orchestration benchmark's subject; this one isolates what hypersweep adds.
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from bench.common import md_table, write
 
-TRIALS = (10, 100, 1000)
+TRIALS = (10, 100, 1000, 10000)
 REPORTS = 10
 
 
@@ -23,6 +24,7 @@ def coordinator_cost(n_trials: int, folder: Path) -> dict:
     from hypersweep.orchestrator.planning import plan
     from hypersweep.orchestrator.progress import ArmStatus
     from hypersweep.orchestrator.recorder import ArmContext, Recorder
+    from hypersweep.orchestrator.runner import StudyRecords
     from hypersweep.orchestrator.study import parse_study
     from hypersweep.orchestrator.studydir import StudyDir
     from hypersweep.orchestrator.tracking import Tracker
@@ -34,7 +36,12 @@ def coordinator_cost(n_trials: int, folder: Path) -> dict:
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "scale")
     run_id = tracker.start_run("a-seed0")
     status = ArmStatus("a", 0, 10.0)
-    recorder = Recorder(ArmContext(study, "scale", unit, run_id, status), tracker, StudyDir(folder))
+    study_dir = StudyDir(folder / "study")
+    study_dir.create(study.to_yaml())
+    # the study's own records too (runs.json learns every trial run, arms.json beats), as in a study
+    records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracker.uri, "parent_run_id": run_id},
+                           [status])
+    recorder = Recorder(ArmContext(study, "scale", unit, run_id, status, records), tracker, study_dir)
     tracemalloc.start()
     t0 = time.perf_counter()
     for i in range(n_trials):
@@ -48,6 +55,9 @@ def coordinator_cost(n_trials: int, folder: Path) -> dict:
         recorder.handle("end", tid, hp, True, 1.0)
     tracker.flush()
     elapsed = time.perf_counter() - t0
+    if recorder.write_error is not None or len(recorder.rows) != n_trials * REPORTS:  # measured nothing
+        raise RuntimeError(f"the recorder kept {len(recorder.rows)} of {n_trials * REPORTS} reports: "
+                           f"{recorder.write_error}")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     tracker.end_all("FINISHED")
@@ -90,10 +100,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         cost = mlflow_cost(Path(tmp))
     growth = rows[-1]["ms_per_trial"] / rows[0]["ms_per_trial"]
-    text = (f"Coordinator cost per trial ({REPORTS} reports each; flat means the ratio 1000 : 10 trials stays near 1; "
-            f"measured {growth:.2f}):\n\n" + md_table(rows) + "\nMLflow logging into SQLite, per metric value:\n\n"
+    text = (f"Coordinator cost per trial ({REPORTS} reports each; flat means the ratio {TRIALS[-1]} : {TRIALS[0]} "
+            f"trials stays near 1; measured {growth:.2f}):\n\n" + md_table(rows) + "\nMLflow logging into SQLite, per metric value:\n\n"
             + md_table(cost))
-    path = write("scale", {"coordinator": rows, "mlflow": cost, "ms_per_trial_growth_1000_vs_10": growth}, text,
+    path = write("scale", {"coordinator": rows, "mlflow": cost, f"ms_per_trial_growth_{TRIALS[-1]}_vs_{TRIALS[0]}": growth}, text,
                  "python -m bench.run scale")
     print(path.read_text())
 

@@ -161,6 +161,7 @@ class StudyRecords:
         self.runs.setdefault("arms", {})
         self.runs.setdefault("trials", {})
         self._beat = 0.0
+        self._runs_dirty = False  # trial runs not yet in runs.json
         # runs started while MLflow was away hold placeholders until MLflow makes them
         tracker.on_run_created(keep_run_ids(study_dir, self.runs))
         tracker.replay_hint = (f"; they are kept in {study_dir}/{StudyDir.OUTBOX}, and `hypersweep resume "
@@ -196,8 +197,11 @@ class StudyRecords:
         self.study_dir.write_runs(self.runs)
 
     def trial_run(self, unit: ArmSeed, trial_id: str, run_id: str) -> None:
+        """A new trial run reaches runs.json with the next heartbeat (within HEARTBEAT_S), not at
+        once: rewriting the whole file per trial grows with the trials (O(n^2) over a study). A
+        run runs.json misses is found again by its tags (Recorder._resume)."""
         self.runs["trials"].setdefault(unit.key, {})[trial_id] = run_id
-        self.study_dir.write_runs(self.runs)
+        self._runs_dirty = True
 
     def trial_runs(self, unit: ArmSeed) -> dict[str, str]:
         return dict(self.runs["trials"].get(unit.key, {}))
@@ -208,6 +212,9 @@ class StudyRecords:
 
     def write_arms(self) -> None:
         self._beat = time.monotonic()
+        if self._runs_dirty:
+            self._runs_dirty = False
+            self.study_dir.write_runs(self.runs)
         self.study_dir.write_arms({f"{s.arm}/seed{s.seed_index}": {
             "arm": s.arm, "seed_index": s.seed_index, "status": s.status, "budget_s": s.budget_s,
             "wall_time_used_s": s.elapsed_s if s.status == "running" else s.wall_time_used_s,
