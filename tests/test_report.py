@@ -130,6 +130,7 @@ def test_compare_writes_report_and_plot(searched):
     report = (study_dir / "report.md").read_text()
     assert "| arm | search | seeds | val_loss | IQR | test_error | t_base | reached | wall | CPU | trials |" in report
     assert "finished" in report and "- **val_loss**: final best validation loss, median over seeds" in report
+    assert f"browse it: hypersweep ui {study_dir}" in r.output  # (a sqlite store: no server to link to yet)
     assert all(f"| {arm} |" in report for arm in ("grid", "random", "tpe", "gp", "asha", "pbt"))
     # narrow enough for MLflow's artifact pane: no table line over 100 characters
     assert max(len(line) for line in report.splitlines() if line.startswith("|")) <= 100, report
