@@ -513,12 +513,12 @@ def _check_register(name: str | None) -> None:
 def _register_best(models: dict, uri: str | None, name: str, labels: dict) -> None:
     """Register the logged model with the lowest validation loss as a new version of NAME."""
     from hypersweep.orchestrator.models import best_of, register
+    from hypersweep.orchestrator.tracking import one_line
     try:
         key, entry = best_of(models)
         ref = register(uri, entry["model_uri"], name)
     except Exception as e:  # ModelError (nothing logged), the registry refusing or away
-        click.echo(f"hypersweep: error: --register {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                   err=True)
+        click.echo(f"hypersweep: error: --register {name}: {one_line(e)}", err=True)
         sys.exit(1)
     click.echo(f"registered {labels.get(key, key)} ({entry['model_uri']}) as {ref}")
 

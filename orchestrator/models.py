@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.tracking import is_placeholder, one_line
 from hypersweep.orchestrator.trials import EnsembleError, TrialRecord, find_trials, groups
 
 log = logging.getLogger("hypersweep")
@@ -73,20 +74,29 @@ def figures(evaluation: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def _on_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) on `tracking_uri`; the global URI back after."""
+    import mlflow
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@contextlib.contextmanager
 def _reopened(tracking_uri: str, run_id: str) -> Iterator[None]:
     """The run as MLflow's active run, on `tracking_uri`; afterwards it has the status and end
-    time it had (an ended arm run stays ended when it was), and the global tracking URI is back."""
+    time it had (an ended arm run stays ended when it was)."""
     import mlflow
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri)
     before = client.get_run(run_id).info
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with _on_store(tracking_uri), mlflow.start_run(run_id=run_id):
             yield
     finally:
-        mlflow.set_tracking_uri(previous)
         if before.end_time:
             client.set_terminated(run_id, before.status, end_time=before.end_time)
 
@@ -113,12 +123,8 @@ def log_model(tracking_uri: str, run_id: str, module, example: np.ndarray, *, na
 def register(tracking_uri: str, model_uri: str, name: str) -> str:
     """A new version of registered model `name` from `model_uri`: its models:/NAME/VERSION."""
     import mlflow
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with _on_store(tracking_uri):
         version = mlflow.register_model(model_uri, check_model_name(name)).version
-    finally:
-        mlflow.set_tracking_uri(previous)
     return f"models:/{name}/{version}"
 
 
@@ -146,7 +152,6 @@ def log_arm_models(study_dir: StudyDir, tracking_uri: str, arm_runs: dict[str, s
     """The model of every arm x seed that has finished trials, a run, and no model yet (a
     resumed study logs only the missing ones); models.json. A model that cannot be logged is
     one warning line, and the study's records stand."""
-    from hypersweep.orchestrator.tracking import is_placeholder
     done = study_dir.read_json(MODELS_FILE, default={}, kind=dict)
     try:
         by_unit = groups(find_trials(study_dir))
@@ -160,7 +165,7 @@ def log_arm_models(study_dir: StudyDir, tracking_uri: str, arm_runs: dict[str, s
         try:
             done[key] = arm_model(trials, tracking_uri, run_id)
         except Exception as e:  # a checkpoint gone, the store away: the rest of the study's end goes on
-            log.warning("the model of %s was not logged: %s", key, (str(e).splitlines() or [type(e).__name__])[0])
+            log.warning("the model of %s was not logged: %s", key, one_line(e))
             continue
         study_dir.write_json(MODELS_FILE, done)
     return done
@@ -202,8 +207,7 @@ def log_distilled(tracker, run_id: str, out: Folder) -> dict[str, dict[str, Any]
                             metadata={"hypersweep": {"what": f"Polyak average ({kind}) of {saved['members']} members",
                                                      "ensemble": str(out)}})
         except Exception as e:
-            log.warning("the distilled (%s) model of %s was not logged: %s", kind, out,
-                        (str(e).splitlines() or [type(e).__name__])[0])
+            log.warning("the distilled (%s) model of %s was not logged: %s", kind, out, one_line(e))
             continue
         logged[kind] = {"model_uri": uri, "run_id": run_id, **metrics}
     return logged

@@ -95,6 +95,7 @@ class Recorder:
         self.write_error: Unwritable | None = None  # the study directory refused a write: the study stops
         self._anytime_last = -1  # the anytime curve's last step (arm milliseconds)
         self._used: dict[str, tuple[float, float]] = {}  # trial -> (CPU s, wall s) at its latest report
+        self._cpu_total = self._wall_total = 0.0  # their sums
         u = ctx.unit
         study_dir.mend_journal(u.arm.name, u.seed_index)
         journal = study_dir.read_journal(u.arm.name, u.seed_index)
@@ -145,15 +146,19 @@ class Recorder:
         """The arm's CPU and GPU seconds: per trial, its latest report's own figures (they count
         from the trial's setup, earlier incarnations included), summed over trials."""
         cpu, wall = self._used.get(row["trial_id"], (0.0, 0.0))
-        self._used[row["trial_id"]] = (max(cpu, row.get("cpu_time_s", 0.0)), max(wall, row.get("wall_time_s", 0.0)))
+        new = (max(cpu, row.get("cpu_time_s", 0.0)), max(wall, row.get("wall_time_s", 0.0)))
+        self._used[row["trial_id"]] = new
+        # running totals (a sum over every trial at every report grows with the trials)
+        self._cpu_total += new[0] - cpu
+        self._wall_total += new[1] - wall
         self.count_compute()
 
     def count_compute(self) -> None:
         """ArmStatus.cpu_s and gpu_s from the trials' latest reports (GPU: once the arm's trial
         resources are known)."""
         s = self.ctx.status
-        s.cpu_s = sum(cpu for cpu, _ in self._used.values())
-        s.gpu_s = sum(wall for _, wall in self._used.values()) * float(s.trial_resources.get("gpu", 0.0))
+        s.cpu_s = self._cpu_total
+        s.gpu_s = self._wall_total * float(s.trial_resources.get("gpu", 0.0))
 
     def _anytime_step(self, arm_time_s: float) -> int:
         """The anytime curve's step for a report at `arm_time_s`: the arm's milliseconds, one

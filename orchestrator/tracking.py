@@ -216,7 +216,8 @@ def transient(err: BaseException) -> bool:
     return False
 
 
-def _short(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An error as one line of at most 200 characters (its first line, else its type)."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 
@@ -556,7 +557,7 @@ class Tracker:
                 self._went_down(err)
                 if self.clock() >= end:
                     raise TrackingUnavailable(f"MLflow at {self.uri} unreachable for {wait_s:g} s ({what}): "
-                                              f"{_short(err)}") from err
+                                              f"{one_line(err)}") from err
                 self.sleep(min(delay, end - self.clock()))  # the last try at the end of the wait
                 delay = min(2 * delay, MAX_RETRY_GAP_S)
                 continue
@@ -722,7 +723,7 @@ class Tracker:
             if op.handle in self._unmade_warned:
                 return
             self._unmade_warned.add(op.handle)
-        log.warning("MLflow refused %s (%s); not retried, the study directory keeps the record", op, _short(err))
+        log.warning("MLflow refused %s (%s); not retried, the study directory keeps the record", op, one_line(err))
 
     def _keep_copy(self, op: _Op) -> None:
         if self._spool is None:
@@ -740,7 +741,7 @@ class Tracker:
             self._down_since = self.clock()
             self.stats["outages"] += 1
             log.warning("MLflow at %s unreachable (%s): its records wait in a queue, retried while the study goes on",
-                        self.uri, _short(err))
+                        self.uri, one_line(err))
 
     def _came_back(self) -> None:
         if self._down_since is not None:
