@@ -25,7 +25,7 @@ CONFIGS = {
 # Keys that differ between two runs of the same step (timings).
 TIMING = {"step_time_s", "wall_time_s", "time_this_iter_s", "time_total_s", "time_since_restore", "timestamp",
           "date", "pid", "hostname", "node_ip", "iterations_since_restore",
-          "restores"}  # restores: counts the restore itself
+          "restores", "cpu_time_s"}  # restores: counts the restore itself; cpu_time_s: process time
 
 
 def test_every_trainable_is_in_the_contract():
