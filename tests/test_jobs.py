@@ -189,10 +189,13 @@ def test_a_study_spreads_over_two_nodes_and_survives_losing_one(cluster):
         _wait(lambda: _cpus(cluster) >= 6, 90,
               "the second node joined")
         study = _study(tmp, "spread", [{"name": "rand", "method": "sgd", "search": "random", "num_samples": 4,
-                                        "space": {"lr": {"loguniform": [0.01, 0.2]}}}], seconds=40, workers=4)
+                                        "space": {"lr": {"loguniform": [0.01, 0.2]}}}], seconds=75, workers=4)
         job = _submit(cluster, str(study), "--study-dir", str(sd), "--tracking-uri", uri)
-        _wait(lambda: _journal(sd, "rand").get("node_id", pd.Series(dtype=str)).nunique() >= 2, 150,
-              "reports from both nodes")
+        # A trial's first report comes 17-24 s into the arm here (actor start, torch import); a
+        # loaded machine took more than the 40 s this budget once was, and the arm ended first.
+        _wait(lambda: _journal(sd, "rand").get("node_id", pd.Series(dtype=str)).nunique() >= 2
+              or _arm_status(sd, "rand/seed0") == "done", 150, "reports from both nodes")
+        assert _arm_status(sd, "rand/seed0") != "done", "the arm ended before both nodes reported"
         before = _journal(sd, "rand")
     finally:
         worker.kill()  # the node is lost: raylet, workers and agents at once
@@ -200,7 +203,7 @@ def test_a_study_spreads_over_two_nodes_and_survives_losing_one(cluster):
     assert followed.returncode == 0, followed.stdout + followed.stderr
     arms = json.loads((sd / "arms.json").read_text())
     assert arms["rand/seed0"]["status"] == "done", arms
-    assert within_budget(arms["rand/seed0"]["wall_time_used_s"], 40), arms
+    assert within_budget(arms["rand/seed0"]["wall_time_used_s"], 75), arms
     results = pd.read_parquet(sd / "results.parquet")
     assert results.node_id.nunique() == 2 and set(before.node_id) <= set(results.node_id)
     lost = set(before.node_id) - set(results[results.arm_time_s > before.arm_time_s.max() + 5].node_id)
@@ -219,6 +222,13 @@ def test_a_study_spreads_over_two_nodes_and_survives_losing_one(cluster):
     assert (went_on.groupby("trial_id").step.min() > 1).all(), "a retried trial started from zero"
     keys = list(zip(results.trial_id, results.step))
     assert len(keys) == len(set(keys))
+
+
+def _arm_status(sd: Path, key: str) -> str | None:
+    try:
+        return json.loads((sd / "arms.json").read_text())[key]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _cpus(cluster) -> float:
