@@ -328,6 +328,9 @@ def test_the_study_reads_in_the_mlflow_ui_of_a_real_browser(finished_study, tmp_
                     raise AssertionError(f"{e}\n--- {url}, page text ---\n{page.inner_text('body')[:6000]}") from None
 
             expect = sync_api.expect
+            # The UI's first render can take longer than expect's 5 s default on a loaded 2-core
+            # machine (CI saw the runs table still "Loading..." at 5 s); a real failure still fails.
+            expect.set_options(timeout=60_000)
             # 1. the arm runs, filtered by kind, in the model-training view (not GenAI's)
             with page_at(links["arm runs (model-training view)"], "experiment") as page:
                 expect(page.get_by_placeholder(re.compile("metrics"))).to_have_value("tags.kind = 'arm'")
