@@ -61,3 +61,23 @@ def test_entropy_grows_with_spread_and_has_gradients():
     y = x.clone().requires_grad_()
     kozachenko_leonenko(y, dim=300, constants=False).backward()
     assert torch.isfinite(y.grad).all() and float(y.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 3])
+def test_entropy_differentiating_only_the_chosen_pairs_equals_the_full_distance_matrix(p, k):
+    """The N x N search runs without autograd (issue 15): value and gradient are those of the
+    earlier path, which differentiated cdist over every pair and top-k."""
+    def full_matrix(samples):
+        N, d = samples.shape
+        dist = torch.cdist(samples, samples, p=p) + torch.diag(torch.full((N,), math.inf, dtype=samples.dtype))
+        rho = dist.topk(k, dim=1, largest=False).values[:, -1]
+        return 300 * torch.log(rho + 1e-8).mean() + torch.special.digamma(torch.tensor(float(N)))
+
+    x = torch.randn(32, 5000, generator=torch.Generator().manual_seed(3), dtype=torch.double)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    new, old = kozachenko_leonenko(a, p=p, k=k, dim=300, constants=False), full_matrix(b)
+    new.backward()
+    old.backward()
+    assert float(new) == pytest.approx(float(old), rel=1e-12)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)

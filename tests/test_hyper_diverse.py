@@ -5,11 +5,11 @@ import torch
 
 from hypersweep.methods import data
 from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
-from hypersweep.methods.hyper_diverse import HyperDiverse
+from hypersweep.methods.hyper_diverse import HyperDiverse, PooledNorm, hyperparameters
 from hypersweep.methods.targets import build_target
 
 SMALL = {"noise_batch": 8, "image_batch": 16, "latent_dim": 12, "code_dim": 5, "extractor_hidden": [24],
-         "generator_hidden": [16, 16]}
+         "first_generator_hidden": [16, 16], "generator_hidden": [16, 16], "last_generator_hidden": [16, 16]}
 
 
 def _method(model="mlp", **hp):
@@ -58,10 +58,64 @@ def test_latent_choices():
         _method(latent="cauchy")
 
 
+def test_the_reference_setting_is_the_default():
+    hp = {name: h.default for name, h in hyperparameters(0).items()}
+    assert hp["batch_norm"] == 1 and hp["init_scale"] == 0.01 and hp["extractor_hidden"] == [300, 300]
+    assert (hp["first_generator_hidden"], hp["generator_hidden"], hp["last_generator_hidden"]) == \
+        ([40, 40], [100, 100], [60, 60])
+    assert hp["lambda_"] == 1e3 and hp["lambda_rate"] == 1.0
+    m = _method(model="cnn", first_generator_hidden=[7], generator_hidden=[9, 9], last_generator_hidden=[11])
+    widths = [[layer.out_features for layer in g.layers[:-1]] for g in m.generator.generators]
+    assert widths == [[7], [9, 9], [9, 9], [11]]  # conv, conv, fc, last
+    norms = [n for g in m.generator.generators for n in g.norms]
+    assert norms and all(isinstance(n, PooledNorm) and n.weight.requires_grad for n in norms)
+
+
+def test_pooled_norm_statistics_are_bias_corrected_and_pooled_over_leading_axes():
+    norm = PooledNorm(3)
+    h = torch.randn(4, 5, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([5.0, -1.0, 0.0])
+    out = norm.train()(h)
+    flat = out.reshape(-1, 3)  # normalised over the 20 pooled rows, not per leading index
+    assert torch.allclose(flat.mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(flat.var(0, unbiased=False), torch.ones(3), atol=1e-4)
+    # After one step, evaluation uses that step's statistics (not 2% of them blended into a
+    # zero or (0, 1) start): the same batch normalises the same way in eval mode.
+    assert torch.allclose(norm.eval()(h), out, atol=1e-5)
+    other = torch.randn(4, 5, 3) * 4
+    norm.train()(other)
+    # Two steps: the corrected average weighs the second batch 1/(1 + 0.98) and the first 0.98/(1 + 0.98).
+    mean = (0.98 * h.reshape(-1, 3).mean(0) + other.reshape(-1, 3).mean(0)) / 1.98
+    assert torch.allclose(norm.running_mean / (1 - 0.98 ** 2), mean, atol=1e-5)
+    # With no statistics yet, eval mode uses (0, 1): a sample's output never depends on the batch.
+    fresh = PooledNorm(3).eval()
+    assert torch.equal(fresh(h), h)
+
+
+def test_generated_weights_start_at_a_trainable_scale_with_batch_norm_and_not_without():
+    # Why batch norm is the default: at the reference's 0.1^2 variance scaling, each hypernet
+    # layer without it shrinks the signal ~10x and the weights start near 1e-4.
+    with_bn = _method().sample_weights(8, torch.Generator().manual_seed(0)).abs().mean()
+    without = _method(batch_norm=0).sample_weights(8, torch.Generator().manual_seed(0)).abs().mean()
+    assert 0.02 < float(with_bn) < 0.5 and float(without) < 1e-3
+
+
+def test_lambda_anneals_up_to_its_cap_and_survives_a_checkpoint():
+    m = _method(lambda_=10.0, lambda_rate=2.0, lambda_max=50.0)
+    x, y = m.data["train"][0][:128], m.data["train"][1][:128]
+    for expected in (20.0, 40.0, 50.0, 50.0):
+        loss = m.train_batch(x, y)
+        m.optim.zero_grad()
+        loss.backward()
+        m.optim.step()
+        m.scheduler_step()
+        assert m.lambda_ == expected
+    fresh = _method(lambda_=10.0, lambda_rate=2.0, lambda_max=50.0)
+    fresh.load_extra_state(m.extra_state())
+    assert fresh.lambda_ == 50.0 and fresh.diagnostics()["lambda"] == 50.0
+
+
 def test_training_lowers_the_task_loss():
-    # init_scale 1 (plain variance scaling): with the reference's 0.1^2 the generated weights
-    # start near 1e-4 and sit on a plateau for ~35 epochs of this small set before moving.
-    m = _method(lr=3e-3, noise_batch=8, image_batch=32, init_scale=1.0)
+    m = _method(lr=3e-3, noise_batch=8, image_batch=32)
     before = m.evaluate("val")["loss"]
     for _ in range(15):
         m.train_epoch()
