@@ -38,7 +38,7 @@ def _splits():
 def _method(name: str, target, splits, S: int):
     from hypersweep.methods import method_module
     hp = {"hyper-ml": {"batch_size": BATCH, "samples_per_step": S},
-          "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2), "init_scale": 1.0},
+          "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2)},
           "hyper-posterior": {"batch_size": BATCH, "samples_per_step": S},
           "stn": {"batch_size": BATCH, "warmup_epochs": 0},
           "sgd": {"batch_size": BATCH}}[name]

@@ -43,6 +43,16 @@ class GenerativeMethod:
         self.data = {name: tuple(t.to(self.device) for t in splits.split(name)) for name in ("train", "val", "test")}
         self.epoch = 0
 
+    @staticmethod
+    def adam(params, **options) -> torch.optim.Adam:
+        """Adam with PyTorch's fused kernel: one pass over each parameter instead of ~10, which
+        is what bounds a step when the hypernet's output layer holds tens of millions of
+        parameters (hyper-ml's 24M: 293 -> 33 ms per step on one CPU thread, bench README).
+        Same update as the default loop within float32 rounding (tests/test_hyper_ml.py)."""
+        params = list(params)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.Adam(params, fused=fused or None, **options)
+
     def scheduler_step(self) -> None:
         """Called after every optimiser step (e.g. a per-step learning-rate decay)."""
 

@@ -10,10 +10,12 @@ paper App. G). Sizes default to the reference's: extractor [300, 300]; generator
 the first layer, [100, 100] for the middle ones, [60, 60] for the last.
 
 Why batch norm is the default: without it, variance scaling at the reference's 0.1^2 shrinks
-the signal by ~0.1 per hypernet layer, the generated weights start near 1e-4 and the task loss
-sits at chance for tens of epochs (the entropy term is not the cause: with lambda annealed up
-from 1e5 it stayed there). Batch norm restores unit scale after every layer, so only the output
-layer's 0.1^2 sets the weights' initial size (~0.1).
+the signal by ~0.1 per hypernet layer (five layers from z to a weight): on mnist-5k's MLP
+256-256 the generated weights start at mean |w| 1.1e-7, and the task loss sits at chance,
+whatever lambda (annealing lambda up from 1e5 did not move it: the entropy term was never the
+cause). Batch norm restores unit scale after every hidden layer, so only the output layer's
+0.1^2 sets the weights' initial size: mean |w| 0.097 there. (Measured by constructing the method
+with and without `batch_norm`; tests/test_hyper_diverse.py checks the same on a small net.)
 
 Loss = lambda * task loss - H, H the Kozachenko-Leonenko entropy of the *gauge-fixed* weights
 with L1 distances and the latent dimension as d (reference details in shared notes, section 3).
@@ -170,7 +172,7 @@ class HyperDiverse(GenerativeMethod):
         return list(self.generator.parameters())
 
     def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.hp["lr"])
+        return self.adam(params, lr=self.hp["lr"])
 
     def scheduler_step(self) -> None:
         for group in self.optim.param_groups:

@@ -113,7 +113,7 @@ class HyperML(GenerativeMethod):
         return [*self.hypernet.parameters(), self.input_noise]
 
     def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+        return self.adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
     def sample_weights(self, k: int, generator: torch.Generator, training: bool = False) -> torch.Tensor:
         """(k, P) weight vectors; without dropout unless `training`."""

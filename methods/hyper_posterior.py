@@ -136,7 +136,7 @@ class HyperPosterior(GenerativeMethod):
         if self.hp["optimizer"] == "sgd":
             return torch.optim.SGD(params, lr=self.hp["lr"], momentum=self.hp["momentum"], nesterov=True,
                                    weight_decay=self.hp["weight_decay"])
-        return torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+        return self.adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
     def train_epoch(self, deadline: Deadline | None = None) -> float:
         every = self.hp["lr_step_every"]

@@ -91,3 +91,16 @@ def test_factorised_training_path_equals_built_weights():
         grads[factorised] = (float(loss), m.hypernet.out.weight.grad.clone(), m.hypernet.base.grad.clone())
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-7) and torch.allclose(grads[0][2], grads[1][2], atol=1e-7)
+
+
+def test_fused_adam_takes_the_same_steps_as_the_default_loop():
+    """The generative methods' Adam is PyTorch's fused kernel (issue 15): training follows the
+    default implementation's to float32 rounding."""
+    fused, plain = _method(), _method()
+    assert fused.optim.defaults["fused"]
+    plain.optim = torch.optim.Adam(plain.optim.param_groups[0]["params"], lr=plain.hp["lr"])
+    assert not plain.optim.defaults["fused"]
+    for _ in range(2):
+        assert fused.train_epoch() == pytest.approx(plain.train_epoch(), rel=1e-4)
+    for a, b in zip(fused.hypernet.parameters(), plain.hypernet.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
