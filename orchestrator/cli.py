@@ -435,7 +435,7 @@ def ensembles_report(study_dir) -> None:
     Example:
       hypersweep ensembles-report studies/ensembles-digits
     """
-    from hypersweep.orchestrator.ensembles import collected, report_markdown
+    from hypersweep.orchestrator.ensembles import arm_methods, collected, report_markdown
     from hypersweep.orchestrator.studydir import CorruptFile
     folder = _study_dir(study_dir, "STUDY_DIR")
     try:
@@ -444,7 +444,7 @@ def ensembles_report(study_dir) -> None:
         _bad_input(str(e))
     if not results:
         _bad_input(f"{study_dir}: no ensembles under ensembles/ (an arm's `ensemble:` or `hypersweep ensemble` makes them)")
-    text = report_markdown(results)
+    text = report_markdown(results, methods=arm_methods(folder))
     folder.write_text(folder.ENSEMBLES_REPORT, text)
     click.echo(text, nl=False)
 

@@ -249,9 +249,30 @@ def collected(study: StudyDir) -> dict[tuple[str, int], dict[str, float]]:
     return out
 
 
-def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str = "test") -> str:
+# What a method's ensemble is, where the paper says it is not an ensemble method.
+METHOD_NOTES = {
+    "hyper-ml": "trains its weight distribution towards a point (Sheikh et al. 2017, sections 3-4, Fig. 2: the "
+                "distribution collapses to a near-delta), so its members are near copies and its ensemble equals "
+                "a single member; it is a way to train one net, not an ensemble method, and is listed here only "
+                "for completeness.",
+}
+
+
+def arm_methods(study: StudyDir) -> dict[str, str]:
+    """arm -> method of every ensemble already written under STUDY/ensembles/."""
+    out = {}
+    for folder in study.ensemble_folders():
+        saved = folder.read_json("ensemble.json")
+        if saved is not None and "method" in saved:
+            out[saved["arm"]] = saved["method"]
+    return out
+
+
+def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str = "test",
+                    methods: dict[str, str] | None = None) -> str:
     """Per arm, over seeds (mean +- standard deviation): single members, the ensemble by mean
-    prediction and by vote, the Polyak averages; classification errors in %."""
+    prediction and by vote, the Polyak averages; classification errors in %. Below the table,
+    a note for each arm whose method is not an ensemble method (METHOD_NOTES)."""
     arms: dict[str, list[dict[str, float]]] = {}
     for (arm, _), m in results.items():
         arms.setdefault(arm, []).append(m)
@@ -270,7 +291,9 @@ def report_markdown(results: dict[tuple[str, int], dict[str, float]], split: str
             vals = [m[key] * scale for m in ms if key in m]
             cells.append(f"{np.mean(vals):.2f} +- {np.std(vals):.2f}" if vals else "")
         lines.append(f"| {arm} | {len(ms)} | {int(ms[0]['ensemble.members'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- **{arm}** ({method}) {METHOD_NOTES[method]}" for arm, method in (methods or {}).items()
+             if arm in arms and method in METHOD_NOTES]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def record(tracker, run_id: str, metrics: dict[str, float], out: Folder, step: int = 0) -> dict[str, dict[str, Any]]:

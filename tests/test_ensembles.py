@@ -268,8 +268,11 @@ def test_ensembles_report(ensembled_study, tmp_path):
     assert r.exit_code == 0, r.output
     lines = (study_dir / "ensembles.md").read_text().splitlines()
     assert lines[0].startswith("| arm | seeds | members | single member test error (%)")
-    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    rows = {line.split("|")[1].strip(): line for line in lines[2:] if line.startswith("|")}
     assert set(rows) == {"deep", "hml"} and "| 1 | 3 |" in rows["deep"] and "| 1 | 6 |" in rows["hml"]
+    # hyper-ml's ensemble is said not to be one (the paper's collapse); the deep ensemble gets no note
+    notes = [line for line in lines if line.startswith("- **")]
+    assert len(notes) == 1 and notes[0].startswith("- **hml** (hyper-ml)") and "not an ensemble method" in notes[0]
     r = CliRunner().invoke(main, ["ensembles-report", str(tmp_path)])
     assert r.exit_code == 2 and "no ensembles" in r.output
 
