@@ -28,7 +28,7 @@ import argparse
 import statistics
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from bench.common import write
@@ -124,15 +124,25 @@ def _disagreement(m) -> float:
     return 100 * float(differ.sum() / (16 * 15))
 
 
-def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_seeds: int = 1
-                  ) -> tuple[list[dict], str]:
+def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_seeds: int = 1,
+                  lambdas: list[float] = DIVERSE_LAMBDAS) -> tuple[list[dict], str]:
     """lambda 1e3 (the paper's) over `seeds` seeds and `steps` steps: the target table. The other
-    lambdas over `sweep_seeds` seeds and `sweep_steps` steps, beside lambda 1e3's test errors at
-    that step (its runs evaluate every 250 steps): the trade-off table."""
+    `lambdas` over `sweep_seeds` seeds and `sweep_steps` steps, beside lambda 1e3's test errors at
+    that step (its runs evaluate every 250 steps): the trade-off table. Each finished run is
+    appended to results/fidelity-diverse-runs.jsonl at once, so a run cut short keeps what ended."""
+    import json
     jobs = [(1e3, k, steps) for k in range(seeds)]
-    jobs += [(lam, k, sweep_steps) for lam in DIVERSE_LAMBDAS if lam != 1e3 for k in range(sweep_seeds)]
+    jobs += [(lam, k, sweep_steps) for lam in lambdas if lam != 1e3 for k in range(sweep_seeds)]
+    partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")  # this invocation's runs only
+    runs = []
     with ProcessPoolExecutor(workers) as pool:
-        runs = list(pool.map(train_diverse, *zip(*jobs)))
+        for future in as_completed([pool.submit(train_diverse, *job) for job in jobs]):
+            runs.append(future.result())
+            with partial.open("a") as f:
+                f.write(json.dumps(runs[-1]) + "\n")
+    runs.sort(key=lambda r: (r["lambda"], r["seed"]))
     main = [r for r in runs if r["lambda"] == 1e3]
     x1, x16 = [r["x1"] for r in main], [r["x16"] for r in main]
     lines = ["| lambda | steps | seeds | ours x1 err. (%) | ours x16 err. (%) | x16 - x1 | disagreement (%) | "
@@ -143,7 +153,7 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
              f"Over lambda, at {sweep_steps} steps (lambda 1e3: its runs' test errors at that step):", "",
              "| lambda | paper x1 / x10 acc. (%) | ours x1 err. (%) | ours x16 err. (%) | x16 - x1 | "
              "disagreement (%) | seeds |", "|---|---|---|---|---|---|---|"]
-    for lam in DIVERSE_LAMBDAS:
+    for lam in sorted({1e3, *lambdas}):
         if lam == 1e3:
             at = [next((c for c in r["curve"] if c["step"] >= sweep_steps), None) for r in main]
             rows = [c for c in at if c]
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000, help="hyper-diverse's Adam steps")
     parser.add_argument("--sweep-steps", type=int, default=1500, help="steps of the lambdas other than 1e3")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the lambdas other than 1e3")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=DIVERSE_LAMBDAS,
+                        help="hyper-diverse's lambda sweep (1e3 always runs, over --seeds)")
     parser.add_argument("--only", choices=("posterior", "diverse"), help="one table (the other is kept)")
     args = parser.parse_args(argv or [])
     version = commit()
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                                      "runs": runs}
     if args.only in (None, "diverse"):
         t = time.perf_counter()
-        runs, table = diverse_table(args.seeds, args.steps, args.workers, args.sweep_steps, args.sweep_seeds)
+        runs, table = diverse_table(args.seeds, args.steps, args.workers, args.sweep_steps, args.sweep_seeds,
+                                    args.lambdas)
         sections["diverse"] = (
             f"## hyper-diverse (Deutsch et al. 2019): accuracy against diversity over lambda\n\n"
             f"Commit {version}; {time.perf_counter() - t:.0f} s. Paper: LeNet on CIFAR-10 (Table 1), accuracy "
