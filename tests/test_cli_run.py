@@ -241,7 +241,8 @@ def test_every_run_of_the_store_is_whole(finished_study):
 @contextlib.contextmanager
 def hypersweep_ui(study_dir):
     """`hypersweep ui STUDY_DIR --port 0` in its own process group: (process, its output up to
-    the last link, the UI's base URL); killed afterwards if it is still up."""
+    the last link, the UI's base URL); stopped afterwards as Ctrl-C would if it is still up (so it
+    stops its MLflow server, which runs in a session of its own), killed if that fails."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "hypersweep.orchestrator.cli", "ui", str(study_dir), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -256,7 +257,11 @@ def hypersweep_ui(study_dir):
         yield proc, out, re.search(r"MLflow UI on (http://127\.0\.0\.1:\d+)", out).group(1)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGINT)  # a test that failed mid-way left servers running (CI)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ui_serves_the_store_on_loopback_with_links_that_resolve(finished_study):
