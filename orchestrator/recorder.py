@@ -13,6 +13,7 @@ yet; a report that Tune replays after a restore (same trial and step) is recorde
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -219,7 +220,7 @@ class Recorder:
         row = {"study_id": c.study_id, "arm": u.arm.name, "method": u.arm.method, "search": u.arm.search,
                "dataset": c.study.dataset.name, "seed_index": u.seed_index, "seed": u.seed,
                "trial_id": trial_id, "step": step, "arm_time_s": arm_time, **metrics, **where,
-               **{f"hp_{k}": v for k, v in flatten(hp).items()}}
+               **{f"hp_{k}": _cell(v) for k, v in flatten(hp).items()}}
         self.study_dir.append_journal(u.arm.name, u.seed_index, [row])  # before anything else
         self.rows.append(row)
         if time.monotonic() - self._last_part >= PART_EVERY_S:  # `compare` on a running study sees this arm
@@ -269,6 +270,13 @@ def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
     """A journal row's method metrics (what `_result` logged on the trial's run)."""
     return {k: v for k, v in row.items() if k not in _ROW_KEYS and k not in PLACEMENT and not k.startswith("hp_")
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _cell(value: Any) -> Any:
+    """A hyperparameter as a results cell: a list (layer sizes) as its JSON text, so one column
+    holds one type across methods (hyper-hpo's `hidden` is a list, hyper-posterior's a number)
+    and results.parquet can hold every arm; MLflow shows the same text as the param."""
+    return json.dumps(value) if isinstance(value, (list, tuple)) else value
 
 
 def _hp_of(row: dict[str, Any]) -> dict[str, Any]:

@@ -307,6 +307,7 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     if problem:
         raise StudyError(f"study {study.name!r}: {problem}")
     tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)  # before anything is written
+    study = study.pinned()  # what the study trains, whatever later versions' defaults are (Study.pinned)
     study_dir.create(study.to_yaml())
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]

@@ -156,6 +156,25 @@ class Study(_Frozen):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False)
 
+    def pinned(self) -> "Study":
+        """This study with every arm's unsearched hyperparameters written out: the values given,
+        then each declared default, as the installed methods define them now. A study directory
+        records this form (study.yaml, and so Tune's trial configs and MLflow's params), so a
+        study resumed after an upgrade that changed a default trains what it started with, and
+        its checkpoints still fit. Defaults of None ("follow another value", e.g. sgd's
+        dropout_<k>) stay unwritten: their meaning does not change."""
+        from hypersweep.methods import method_module
+        from hypersweep.methods.targets import n_dropout_sites
+        sites = n_dropout_sites(self.model.kind, self.model.hidden)
+        arms = []
+        for arm in self.arms:
+            declared = method_module(arm.method).hyperparameters(sites)
+            defaults = {name: list(hp.default) if isinstance(hp.default, list) else hp.default
+                        for name, hp in declared.items()
+                        if hp.default is not None and name not in arm.params and name not in arm.space}
+            arms.append(arm.model_copy(update={"params": {**arm.params, **defaults}}))
+        return self.model_copy(update={"arms": arms})
+
 
 class _TooBig(yaml.YAMLError):
     def __init__(self, problem: str, mark):

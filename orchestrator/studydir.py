@@ -54,6 +54,23 @@ def _open(location: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tu
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
 
 
+def _one_type_per_column(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with every column Parquet can store: a column whose cells mix kinds (the parts of
+    two methods that give one hyperparameter name a number and a text, e.g. `hidden`) holds
+    their text. Missing cells stay missing."""
+    mixed = []
+    for column in df.columns[df.dtypes == object]:
+        kinds = {type(v) for v in df[column] if not (isinstance(v, float) and v != v) and v is not None}
+        if len(kinds) > 1:
+            mixed.append(column)
+    if not mixed:
+        return df
+    df = df.copy()
+    for column in mixed:
+        df[column] = [v if v is None or (isinstance(v, float) and v != v) else str(v) for v in df[column]]
+    return df
+
+
 class Unwritable(OSError):
     """A write to the study directory failed (disk full, quota, read-only, no permission): the
     study stops, with what it had written before intact (every write is atomic)."""
@@ -194,7 +211,7 @@ class Folder:
 
     def write_table(self, rel: str, df: pd.DataFrame) -> str:
         buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
+        _one_type_per_column(df).to_parquet(buf, index=False)
         return self.write_bytes(rel, buf.getvalue())
 
     @contextlib.contextmanager

@@ -121,3 +121,19 @@ def test_training_lowers_the_task_loss():
         m.train_epoch()
     assert m.evaluate("val")["loss"] < before - 0.1
     assert m.diagnostics()["entropy"] == m.last_entropy
+
+
+def test_a_checkpoint_that_does_not_fit_says_which_hyperparameters_differ():
+    """A trial restored into a method configured otherwise (a default changed by an upgrade,
+    for a study recorded before studies pinned them) fails with the differing values, or with
+    what to do when the checkpoint predates recorded hyperparameters."""
+    from hypersweep.workers.base import CheckpointMismatch, load_method_state
+    saved = _method(batch_norm=0)
+    state = dict(saved.state_dict(), hp=dict(saved.hp))
+    with pytest.raises(CheckpointMismatch, match=r"ckpt: .*batch_norm: 0 saved, 1 now"):
+        load_method_state(_method(batch_norm=1), state, "ckpt")
+    state.pop("hp")
+    with pytest.raises(CheckpointMismatch, match="saved without its hyperparameters.*study.yaml"):
+        load_method_state(_method(batch_norm=1), state, "ckpt")
+    fits = _method(batch_norm=0)
+    load_method_state(fits, dict(saved.state_dict(), hp=dict(saved.hp)), "ckpt")  # the same setting loads

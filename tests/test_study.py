@@ -188,3 +188,35 @@ def test_set_overrides_any_key_and_reports_bad_ones(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["run", str(quick), "--set", "arms.0.method=x"])
     assert r.exit_code == 2 and "outside arms" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_recorded_study_pins_every_default_so_an_upgrade_cannot_change_what_it_resumes(monkeypatch):
+    """study.yaml holds each arm's unsearched hyperparameters with the defaults written out
+    (Study.pinned): a later hypersweep that changes a default resumes the recorded value, and
+    the trial config Tune keeps carries it too."""
+    from hypersweep.methods import hyper_diverse
+    from hypersweep.orchestrator.planning import plan, trial_config
+    raw = copy.deepcopy(BASE)
+    raw["arms"].append({"name": "hd", "method": "hyper-diverse", "params": {"lambda_": 100.0}})
+    pinned = parse_study(raw).pinned()
+    searched, diverse = pinned.arms
+    assert "lr" not in searched.params and searched.params["momentum"] == 0.9  # searched stays searched
+    assert "dropout_1" not in searched.params  # None: follows `dropout`, nothing to pin
+    assert diverse.params["lambda_"] == 100.0 and diverse.params["batch_norm"] == 1
+    assert diverse.params["extractor_hidden"] == [300, 300]
+    recorded = pinned.to_yaml()
+
+    declared = hyper_diverse.hyperparameters
+    def changed(n):  # a later version's defaults: no batch norm, a smaller extractor
+        hps = declared(n)
+        hps["batch_norm"] = hps["batch_norm"].__class__(**{**hps["batch_norm"].__dict__, "default": 0})
+        hps["extractor_hidden"] = hps["extractor_hidden"].__class__(
+            **{**hps["extractor_hidden"].__dict__, "default": [50]})
+        return hps
+    monkeypatch.setattr(hyper_diverse, "hyperparameters", changed)
+    assert parse_study(BASE | {"arms": raw["arms"][1:]}).pinned().arms[0].params["batch_norm"] == 0  # new studies: new
+    resumed = parse_study(yaml.safe_load(recorded))
+    assert resumed.pinned() == resumed  # nothing left to pin
+    unit = [u for u in plan(resumed) if u.arm.name == "hd"][0]
+    hp = trial_config(resumed, unit)["hp"]
+    assert hp["batch_norm"] == 1 and hp["extractor_hidden"] == [300, 300] and hp["lambda_"] == 100.0

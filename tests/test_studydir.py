@@ -122,3 +122,15 @@ def test_a_study_runs_into_a_file_uri(tmp_path, ray_session):
     r = CliRunner().invoke(main, ["ensemble", uri, "-k", "2", "--no-mlflow"])
     assert r.exit_code == 0, r.output
     assert len(pd.read_parquet(tmp_path / "sd" / "ensembles" / "rand-seed0" / "ensemble.parquet")) == 2
+
+
+def test_results_hold_parts_whose_methods_give_one_name_two_kinds(tmp_path):
+    """hyper-hpo's `hidden` is a list (kept as its JSON text), hyper-posterior's a number: the
+    consolidated table holds both as text, nothing dropped."""
+    d = StudyDir(tmp_path / "s")
+    d.create("name: s\n")
+    d.write_part("a", 0, [_row("a", 0, "t1", 1, val_loss=0.5) | {"hp_hidden": "[50]"}])
+    d.write_part("b", 0, [_row("b", 0, "t2", 1, val_loss=0.4) | {"hp_hidden": 64, "hp_tune": "dropout"}])
+    d.consolidate()
+    table = d.read_table(StudyDir.RESULTS)
+    assert sorted(table.hp_hidden) == ["64", "[50]"] and table.hp_tune.isna().sum() == 1

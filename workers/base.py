@@ -111,6 +111,30 @@ def build_method(config: dict[str, Any], device: torch.device):
     return splits, target, method
 
 
+def load_method_state(method, state: dict[str, Any], source: str) -> None:
+    """`method.load_state_dict(state)`, or a CheckpointMismatch that says why the checkpoint
+    does not fit: the hyperparameters it was saved with (recorded since checkpoints carry them)
+    against the trial's, else that it predates them, e.g. a study started by an earlier
+    hypersweep whose defaults differed (studies record every value since, Study.pinned)."""
+    try:
+        method.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        saved, now = state.get("hp"), getattr(method, "hp", {})
+        if isinstance(saved, dict):
+            differ = [f"{k}: {saved.get(k)!r} saved, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                      if saved.get(k) != now.get(k)]
+            why = ("hyperparameters differ: " + "; ".join(differ)) if differ else f"{type(e).__name__}: {e}"
+        else:
+            why = ("it was saved without its hyperparameters, by a hypersweep older than this one, whose defaults "
+                   "may differ: give the values it started with as the arm's params in the study's study.yaml")
+        raise CheckpointMismatch(f"{source}: the checkpoint does not fit this trial's "
+                                 f"{type(method).__name__}: {why}") from e
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that cannot be loaded into the trial's method as it is configured now."""
+
+
 class MethodTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any]) -> None:
         self._t0 = time.monotonic()
@@ -185,13 +209,13 @@ class MethodTrainable(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0,
-                     restores=self._restores, cpu=self._cpu_time())
+                     restores=self._restores, cpu=self._cpu_time(), hp=dict(getattr(self.method, "hp", {})))
         torch.save(state, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
-        state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=self.device,
-                           weights_only=True)
-        self.method.load_state_dict(state)
+        path = os.path.join(checkpoint_dir, CHECKPOINT_FILE)
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        load_method_state(self.method, state, path)
         self._elapsed_before, self._t0 = float(state["elapsed"]), time.monotonic()
         self._restores = int(state.get("restores", 0)) + 1
         self._cpu_before, self._cpu0 = float(state.get("cpu", 0.0)), time.process_time()
