@@ -125,21 +125,27 @@ def _disagreement(m) -> float:
 
 
 def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_seeds: int = 1,
-                  lambdas: list[float] = DIVERSE_LAMBDAS) -> tuple[list[dict], str]:
+                  lambdas: list[float] = DIVERSE_LAMBDAS, kept: list[dict] = (),
+                  version: str = "") -> tuple[list[dict], str]:
     """lambda 1e3 (the paper's) over `seeds` seeds and `steps` steps: the target table. The other
     `lambdas` over `sweep_seeds` seeds and `sweep_steps` steps, beside lambda 1e3's test errors at
     that step (its runs evaluate every 250 steps): the trade-off table. Each finished run is
-    appended to results/fidelity-diverse-runs.jsonl at once, so a run cut short keeps what ended."""
+    appended to results/fidelity-diverse-runs.jsonl at once, so a run cut short keeps what ended.
+    `kept`: runs of an earlier invocation (with their commit) that this one does not repeat when
+    they have the same lambda, seed and steps."""
     import json
     jobs = [(1e3, k, steps) for k in range(seeds)]
     jobs += [(lam, k, sweep_steps) for lam in lambdas if lam != 1e3 for k in range(sweep_seeds)]
+    reused = [r for r in kept if (r["lambda"], r["seed"], r["requested_steps"]) in set(jobs)]
+    jobs = [j for j in jobs if j not in {(r["lambda"], r["seed"], r["requested_steps"]) for r in reused}]
     partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("")  # this invocation's runs only
-    runs = []
+    runs = list(reused)
     with ProcessPoolExecutor(workers) as pool:
-        for future in as_completed([pool.submit(train_diverse, *job) for job in jobs]):
-            runs.append(future.result())
+        futures = {pool.submit(train_diverse, *job): k for k, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            runs.append({**future.result(), "commit": version, "requested_steps": jobs[futures[future]][2]})
             with partial.open("a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
     runs.sort(key=lambda r: (r["lambda"], r["seed"]))
@@ -204,9 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=DIVERSE_LAMBDAS,
                         help="hyper-diverse's lambda sweep (1e3 always runs, over --seeds)")
     parser.add_argument("--only", choices=("posterior", "diverse"), help="one table (the other is kept)")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="hyper-diverse: keep the recorded runs with the same lambda, seed and steps (each "
+                             "names its commit) and run only the missing ones")
     args = parser.parse_args(argv or [])
     version = commit()
     old = _previous()
+    recorded = old.get("hyper_diverse", {})
+    # (runs recorded before requested_steps: an epoch ends a run up to 14 steps past the request)
+    kept = [{"commit": recorded.get("commit", "?"), "requested_steps": r["steps"] // 50 * 50, **r}
+            for r in recorded.get("runs", [])] if args.keep_runs else []
     sections, record = dict(old.get("sections", {})), {"commit": version, **{k: v for k, v in old.items()
                                                                           if k in ("hyper_posterior", "hyper_diverse")}}
     if args.only in (None, "posterior"):
@@ -218,10 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "diverse"):
         t = time.perf_counter()
         runs, table = diverse_table(args.seeds, args.steps, args.workers, args.sweep_steps, args.sweep_seeds,
-                                    args.lambdas)
+                                    args.lambdas, kept, version)
+        commits = ", ".join(f"{c} ({sum(r['commit'] == c for r in runs)} runs)"
+                            for c in dict.fromkeys(r["commit"] for r in runs))
         sections["diverse"] = (
             f"## hyper-diverse (Deutsch et al. 2019): accuracy against diversity over lambda\n\n"
-            f"Commit {version}; {time.perf_counter() - t:.0f} s. Paper: LeNet on CIFAR-10 (Table 1), accuracy "
+            f"Commits {commits}; this invocation {time.perf_counter() - t:.0f} s, each run's own train_s in the JSON. Paper: LeNet on CIFAR-10 (Table 1), accuracy "
             f"(single sample / ensemble of 10 by majority vote); its MNIST figures are histograms. Ours: the MLP "
             f"256-256 on {DATASET}, test error (%) of one sample (mean over 16) and of the 16-sample mean "
             f"prediction, mean +- std over seeds (split k for seed k); disagreement: the share of test images on "
