@@ -121,9 +121,12 @@ class Recorder:
             by_trial.setdefault(row["trial_id"], []).append(row)
         for trial_id, rows in by_trial.items():
             run_id = self.trial_runs.get(trial_id)
-            if run_id is None:  # its run was never made: make it now
+            made = run_id is None
+            if made:  # its run was never made: make it now
                 run_id = self._trial_run(trial_id, _hp_of(rows[0]))
             sent = tracker.last_step(run_id, "arm_time_s")
+            if not sent and not made:  # its params travel with its first metrics (Tracker.flush): none arrived
+                tracker.log_params(run_id, _hp_of(rows[0]))
             for row in rows:
                 if row["step"] > sent:
                     tracker.log_metrics(run_id, {**_metrics_of(row), "arm_time_s": row["arm_time_s"]}, row["step"])

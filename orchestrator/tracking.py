@@ -174,6 +174,11 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _params(params: Mapping[str, Any]) -> list:
+    from mlflow.entities import Param
+    return [Param(str(k)[:250], str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
+
+
 def is_placeholder(run_id: Any) -> bool:
     return isinstance(run_id, str) and run_id.startswith(PLACEHOLDER)
 
@@ -284,6 +289,7 @@ class Tracker:
             flush_every_s, retry_for_s, read_wait_s, final_wait_s
         self.replay_hint = ""  # the end of the warning about records left unsent (the caller's words)
         self.stats: Counter[str] = Counter()  # queued, merged, replayed, dropped, abandoned, late_runs, outages...
+        self._params: dict[str, list] = {}  # run -> params not yet sent (start_run's, sent by flush)
         self._buffers: dict[str, list] = {}
         self._last_flush = clock()
         self._open: list[str] = []
@@ -345,13 +351,12 @@ class Tracker:
                                             "key": key}))
         run_id = self.resolve(handle)
         self._open.append(run_id)
-        if params:
-            self.log_params(run_id, params)
+        if params:  # sent with the run's first metrics, one log_batch (flush), not a request of their own
+            self._params.setdefault(run_id, []).extend(_params(params))
         return run_id
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-        items = [Param(str(k)[:250], str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
+        items = _params(params)
         for i in range(0, len(items), MAX_PARAMS):
             self._submit(_Op("batch", run_id, {"params": items[i:i + MAX_PARAMS]}))
 
@@ -369,13 +374,28 @@ class Tracker:
         if self.clock() - self._last_flush >= self.flush_every_s:
             self.flush()
 
-    def flush(self) -> None:
-        """Send the buffered metrics, after whatever waits in the queue."""
-        buffers, self._buffers = self._buffers, {}
-        self._last_flush = self.clock()
-        for run_id, metrics in buffers.items():
-            for i in range(0, len(metrics), MAX_BATCH):
-                self._submit(_Op("batch", run_id, {"metrics": metrics[i:i + MAX_BATCH]}))
+    def flush(self, run_id: str | None = None) -> None:
+        """Send the buffered metrics, with the params of runs started since the last flush,
+        after whatever waits in the queue: a run's first log_batch carries both (MLflow takes
+        up to MAX_PARAMS params and MAX_BATCH items in all per request). `run_id`: that run's
+        only (its end), the others' wait for the next flush."""
+        if run_id is None:
+            buffers, self._buffers = self._buffers, {}
+            params, self._params = self._params, {}
+            self._last_flush = self.clock()
+        else:  # by the id or the placeholder it was logged under
+            real = self.resolve(run_id)
+            mine = [k for k in {**self._params, **self._buffers} if k == run_id or self.resolve(k) == real]
+            buffers = {k: self._buffers.pop(k) for k in mine if k in self._buffers}
+            params = {k: self._params.pop(k) for k in mine if k in self._params}
+        for run_id in {**params, **buffers}:
+            p, m = params.get(run_id, []), buffers.get(run_id, [])
+            while p or m:
+                first, p = p[:MAX_PARAMS], p[MAX_PARAMS:]
+                room = MAX_BATCH - len(first)
+                batch = {"params": first, "metrics": m[:room]}
+                m = m[room:]
+                self._submit(_Op("batch", run_id, {k: v for k, v in batch.items() if v}))
         if self._pending and self.clock() >= self._next_try:
             self._drain(0.0)
 
@@ -385,7 +405,9 @@ class Tracker:
         self._submit(_Op("artifact", run_id, {"path": str(path), "artifact_path": artifact_path}))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.flush()
+        """The run's buffered records, then its end (other runs' buffers wait for their flush:
+        a study ending thousands of trials does not send its arm's curve with every one)."""
+        self.flush(run_id)
         self._submit(_Op("terminate", run_id, {"status": status, "end_ms": _now_ms()}))
         k = self._open_index(run_id)
         if k is not None:
@@ -590,15 +612,15 @@ class Tracker:
             self.stats["queued_metrics"] += len(op.args.get("metrics", ()))
 
     def _merge(self, op: _Op) -> bool:
-        """Metrics join the run's last queued batch of metrics when nothing of that run came
-        after it (fewer requests when the store is back; the order of the run's records holds)."""
+        """Metrics join the run's last queued batch of metrics (with the run's params, if it
+        carries them) when nothing of that run came after it (fewer requests when the store is back; the order of the run's records holds)."""
         if op.kind != "batch" or set(op.args) != {"metrics"}:
             return False
         for prev in reversed(self._pending):
             if prev.handle != op.handle:
                 continue
-            if (prev.kind == "batch" and set(prev.args) == {"metrics"} and not prev.tried
-                    and len(prev.args["metrics"]) + len(op.args["metrics"]) <= MAX_BATCH):
+            if (prev.kind == "batch" and set(prev.args) in ({"metrics"}, {"params", "metrics"}) and not prev.tried
+                    and prev.items() + len(op.args["metrics"]) <= MAX_BATCH):
                 prev.args["metrics"] = prev.args["metrics"] + op.args["metrics"]
                 self.stats["merged"] += 1
                 return True

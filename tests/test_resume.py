@@ -117,6 +117,9 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
     trials = Counter((r.data.tags["mlflow.parentRunId"], r.data.tags["trial_id"]) for r in runs
                      if r.data.tags.get("kind") == "trial")
     assert trials and max(trials.values()) == 1, "a trial with two runs"
+    # its hyperparameters on every trial run (they travel with its first metrics: a run whose
+    # first batch the killed coordinator never sent gets them from resume)
+    assert all({"lr", "momentum"} <= set(r.data.params) for r in runs if r.data.tags.get("kind") == "trial")
     assert len(trials) == results.groupby(["arm", "seed_index"]).trial_id.nunique().sum()
     for run in runs:  # every (run, metric, step) once
         for key in run.data.metrics:

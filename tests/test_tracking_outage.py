@@ -184,8 +184,8 @@ def test_outage_queues_in_order_gives_a_placeholder_and_replays_once(tmp_path):
     assert store.artifacts[arm_id] == {"plots/plot.txt": "schedule"}
     assert run["status"] == "FINISHED"
     # the run's records in the order they were made: its create (looked for first: the failed try
-    # might have made it), params, metrics (three flushes, one batch), tags, artifact, end
-    assert [m for m, _ in store.calls[2:]] == ["search_runs", "create_run", "log_batch", "log_batch", "log_batch",
+    # might have made it), params with the metrics (three flushes, one batch), tags, artifact, end
+    assert [m for m, _ in store.calls[2:]] == ["search_runs", "create_run", "log_batch", "log_batch",
                                                "log_artifact", "set_terminated"]
     assert {r for _, r in store.calls[4:]} == {arm_id}
     s = tracker.stats
@@ -300,7 +300,8 @@ def test_what_the_end_gives_up_on_is_kept_and_a_later_tracker_sends_it_once(tmp_
         first.end_all("KILLED")
     assert first.stats["abandoned"] > 0 and store.runs.keys() == {"r0"}
     kept = sd.outbox()
-    assert [r["kind"] for r in kept] == ["create", "batch", "batch", "batch", "artifact", "terminate", "terminate"]
+    # the arm's create, its params with its metrics (one batch), the parent's tags, artifact, the ends
+    assert [r["kind"] for r in kept] == ["create", "batch", "batch", "artifact", "terminate", "terminate"]
     assert json.loads(json.dumps(kept)) == kept  # JSON, nothing else
 
     stale = tmp_path / "stale"
