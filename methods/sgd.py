@@ -2,7 +2,8 @@
 Bayesian searches tune.
 
 Hyperparameters: lr, momentum, weight decay, input dropout and per-layer dropout, Gaussian
-input noise (on standardised inputs), batch size. Classification minimises cross-entropy;
+input noise (on standardised inputs), batch size; on images crop-and-flip and the STN's data
+hyperparameters (colour jitter strengths, cutout length and holes), fixed or replayed. Classification minimises cross-entropy;
 regression minimises the Gaussian negative log-likelihood with a learned homoscedastic noise
 scale, and reports RMSE and NLL in the data's units.
 
@@ -12,12 +13,13 @@ generators saved in `state_dict`, so a restored run takes the identical next ste
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from hypersweep.methods.augment import crop_flip
+from hypersweep.methods.augment import color_jitter, crop_flip, cutout
 from hypersweep.methods.clock import Deadline
 from hypersweep.methods.data import Splits
 from hypersweep.methods.hparams import HParam, resolve
@@ -25,7 +27,9 @@ from hypersweep.methods.losses import metrics, task_loss
 from hypersweep.methods.passes import minibatch_pass
 from hypersweep.methods.seeding import Stream, stream_generator
 from hypersweep.methods.targets import TargetNet
-from hypersweep.methods.tuned import inv_softplus
+from hypersweep.methods.tuned import FLOOR_TOLERANCE, inv_softplus
+
+AUGMENTATIONS = ("brightness", "contrast", "saturation", "hue", "cutout_length", "cutout_holes")
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
@@ -41,6 +45,13 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("dropout_in", 0.0, 0.0, 0.95, doc="input dropout"),
         HParam("dropout", 0.0, 0.0, 0.95, doc="dropout after every hidden layer (dropout_<k> overrides layer k)"),
         HParam("augment", 0, 0, 1, kind=int, doc="1: random crop (pad 4) and horizontal flip, images only"),
+        # the STN's data hyperparameters (methods/stn.py), so searches and replays tune the same ones
+        HParam("brightness", 0.0, 0.0, 1.0, doc="colour jitter strength (0: off), images only"),
+        HParam("contrast", 0.0, 0.0, 1.0, doc="colour jitter strength (0: off), images only"),
+        HParam("saturation", 0.0, 0.0, 1.0, doc="colour jitter strength (0: off), RGB images only"),
+        HParam("hue", 0.0, 0.0, 0.5, doc="colour jitter strength (0: off), RGB images only"),
+        HParam("cutout_length", 0.0, 0.0, 1e4, doc="cutout square side in pixels, floored (0: off), images only"),
+        HParam("cutout_holes", 1.0, 0.0, 5.0, doc="cutout squares per image, floored"),
     ]
     hps += [HParam(f"dropout_{k}", None, 0.0, 0.95) for k in range(1, n_dropout_sites)]
     return {hp.name: hp for hp in hps}
@@ -67,6 +78,10 @@ class SGD:
         self.hp = resolve(hyperparameters(target.n_dropout_sites), hp)
         if self.hp["augment"] and len(splits.input_shape) != 3:
             raise ValueError("hyperparameter 'augment': crop and flip need image inputs")
+        for name in AUGMENTATIONS:
+            if self.hp[name] and name != "cutout_holes" and len(splits.input_shape) != 3:
+                raise ValueError(f"hyperparameter {name!r}: needs image inputs")
+        self.augmentation = {name: float(self.hp[name]) for name in AUGMENTATIONS}  # a schedule may change them
         self.data_gen = stream_generator(seed, Stream.ORDER)  # on the CPU, like the permutations it draws
         self.noise_gen = stream_generator(seed, Stream.NOISE, self.device)  # dropout, input noise, augmentation
         self.module = target.module().to(self.device)
@@ -91,10 +106,13 @@ class SGD:
         if learned and any("input_noise" in dict(v) for _, v in self.schedule):
             raise ValueError("schedule: input_noise cannot be scheduled when it is learned (learn_input_noise: 1)")
         names = {"dropout_in", "input_noise", *(f"dropout_{k}" for k in range(1, target.n_dropout_sites))}
+        if len(splits.input_shape) == 3:
+            names |= set(AUGMENTATIONS)
         for _, values in self.schedule:
             unknown = sorted(set(values) - names)
             if unknown:
-                raise ValueError(f"schedule: {unknown[0]!r} is not a dropout or input-noise setting of this model")
+                raise ValueError(f"schedule: {unknown[0]!r} is not a dropout, input-noise or augmentation setting "
+                                 f"of this model")
 
     def _apply_schedule(self) -> None:
         """The latest schedule entry at or before this epoch sets dropout and input noise."""
@@ -107,6 +125,8 @@ class SGD:
         for name, value in values.items():
             if name == "input_noise":
                 reg.input_noise = float(value)
+            elif name in AUGMENTATIONS:
+                self.augmentation[name] = float(value)
             else:
                 rates[0 if name == "dropout_in" else int(name.split("_")[1])] = float(value)
         reg.dropout = rates
@@ -121,7 +141,23 @@ class SGD:
         if any("input_noise" in v for _, v in self.schedule):
             out["hp/input_noise"] = reg.input_noise
         out.update({"hp/dropout_in" if k == 0 else f"hp/dropout_{k}": r for k, r in enumerate(reg.dropout)})
+        scheduled = {name for _, v in self.schedule for name in v}
+        out.update({f"hp/{name}": value for name, value in self.augmentation.items() if name in scheduled})
         return out
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Colour jitter, then cutout, as the STN applies them (methods/stn.py), at fixed strengths."""
+        a, B = self.augmentation, x.shape[0]
+        strength = (lambda name: torch.full((B,), a[name], device=x.device) if a[name] > 0 else None)
+        if any(a[n] > 0 for n in ("brightness", "contrast", "saturation", "hue")):
+            jittered = color_jitter(self.splits.to_unit(x), strength("brightness"), strength("contrast"),
+                                    strength("saturation"), strength("hue"), self.noise_gen)
+            x = self.splits.from_unit(jittered)
+        length, holes = (math.floor(a[n] + FLOOR_TOLERANCE) for n in ("cutout_length", "cutout_holes"))
+        if length > 0 and holes > 0:
+            x = cutout(x, torch.full((B,), float(length), device=x.device),
+                       torch.full((B,), float(holes), device=x.device), self.noise_gen)
+        return x
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return task_loss(out, y, self.splits.task, self.log_noise_std)
@@ -135,6 +171,8 @@ class SGD:
 
         def step(idx):
             xb = crop_flip(x[idx], self.noise_gen) if self.hp["augment"] else x[idx]
+            if xb.dim() == 4:
+                xb = self._augment(xb)
             if self.input_noise_rho is not None:
                 xb = xb + F.softplus(self.input_noise_rho) * torch.randn(xb.shape, generator=self.noise_gen,
                                                                          device=self.device)

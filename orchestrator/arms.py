@@ -13,6 +13,7 @@ from hypersweep.orchestrator.ensembles import run_ensemble
 from hypersweep.orchestrator.planning import ArmSeed, replay_schedule, trial_config
 from hypersweep.orchestrator.plots import schedule_plot
 from hypersweep.orchestrator.recorder import ArmContext, Recorder
+from hypersweep.orchestrator.searches import STN_SOURCED
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir, Unwritable
 from hypersweep.orchestrator.tracking import Tracker
@@ -25,12 +26,14 @@ log = logging.getLogger("hypersweep")
 def prepare_arm(study: Study, unit: ArmSeed, study_dir: StudyDir, data_root: str | None) -> dict[str, Any] | str:
     """The arm's param_space, or why it cannot run (a replay without its STN's records)."""
     param_space = trial_config(study, unit, data_root)
-    if unit.arm.search == "replay":
+    if unit.arm.search in STN_SOURCED:
         source = study_dir.read_part(unit.arm.replay, unit.seed_index)
         if source is None or source.empty or "val_loss" not in source:
-            return f"no records of arm {unit.arm.replay!r} seed {unit.seed_index} to replay"
+            return f"no records of arm {unit.arm.replay!r} seed {unit.seed_index} to {unit.arm.search}"
         stn_arm = next(a for a in study.arms if a.name == unit.arm.replay)
-        param_space["schedule"] = replay_schedule(source, stn_arm.params)
+        schedule = replay_schedule(source, stn_arm.params)
+        # final: the values the STN ended with, from the first epoch on
+        param_space["schedule"] = schedule if unit.arm.search == "replay" else [[0, schedule[-1][1]]]
     return param_space
 
 

@@ -110,8 +110,10 @@ def _optuna(sampler: str) -> Callable[..., Any]:
 
 
 def _check_replay(study, i: int, fail: Callable[[str, str], None]) -> None:
-    """A replay arm trains sgd with the dropout and input-noise schedule an earlier STN arm
-    learned, so it runs after that arm, one trial per seed."""
+    """A replay arm trains sgd with the schedule of data hyperparameters (dropout, input noise,
+    jitter, cutout) an earlier STN arm learned, a final arm with its last values held fixed
+    from the start (MacKay et al. 2019, Table 1's baselines); so it runs after that arm, one
+    trial per seed."""
     arm = study.arms[i]
     earlier = {a.name: a for a in study.arms[:i]}
     source = earlier.get(arm.replay or "")
@@ -124,8 +126,9 @@ def _check_replay(study, i: int, fail: Callable[[str, str], None]) -> None:
     if arm.method != "sgd":
         fail(f"arms[{i}].method", f"a replayed schedule trains 'sgd', got {arm.method!r}")
     tuned = source.params.get("tune", "dropout,input_noise")
-    if any(g.strip() not in ("dropout", "input_noise") for g in tuned.split(",")):
-        fail(f"arms[{i}].search.replay", f"sgd replays dropout and input noise schedules; {arm.replay!r} tunes {tuned!r}")
+    if any(g.strip() not in ("dropout", "input_noise", "jitter", "cutout") for g in tuned.split(",")):
+        fail(f"arms[{i}].search.replay", f"sgd replays dropout, input noise, jitter and cutout schedules; "
+             f"{arm.replay!r} tunes {tuned!r}")
 
 
 SEARCHES: dict[str, Search] = {
@@ -135,7 +138,9 @@ SEARCHES: dict[str, Search] = {
     "tpe": Search(build=_optuna("TPESampler"), forms=SAMPLED, learns=True, black_box=True),
     "gp": Search(build=_optuna("GPSampler"), forms=SAMPLED, learns=True, black_box=True),  # needs torch, scipy
     "replay": Search(build=_variant_generator, one_trial=True, check=_check_replay),
+    "final": Search(build=_variant_generator, one_trial=True, check=_check_replay),  # the STN's last values, fixed
 }
+STN_SOURCED = ("replay", "final")  # searches whose values come from an earlier STN arm (arm.replay)
 
 
 def _fifo(**_) -> None:

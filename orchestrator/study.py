@@ -108,12 +108,15 @@ class ArmConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _replay_form(cls, data: Any) -> Any:
-        """`search: {replay: ARM}` is stored as `search: replay` plus `replay: ARM`."""
+        """`search: {replay: ARM}` is stored as `search: replay` plus `replay: ARM`; `search:
+        {final: ARM}` (the STN's last values, fixed) as `search: final` plus `replay: ARM`."""
         if isinstance(data, dict) and isinstance(data.get("search"), dict):
             search = data["search"]
-            if set(search) != {"replay"} or not isinstance(search["replay"], str):
-                raise ValueError(f"search as a mapping takes one key, replay: <arm name>; got {search!r}")
-            data = {**data, "search": "replay", "replay": search["replay"]}
+            if len(search) != 1 or next(iter(search)) not in ("replay", "final") \
+                    or not isinstance(next(iter(search.values())), str):
+                raise ValueError(f"search as a mapping takes one key, replay or final: <stn arm name>; got {search!r}")
+            (kind, source), = search.items()
+            data = {**data, "search": kind, "replay": source}
         return data
 
 
@@ -380,7 +383,7 @@ def _check_semantics(study: Study, source: str) -> None:
         if search.check:
             search.check(study, i, fail)
         elif arm.replay is not None:
-            fail(f"{at}.replay", "only with search: replay")
+            fail(f"{at}.replay", "only with search: replay or final")
         if search.one_trial and arm.num_samples != 1:
             fail(f"{at}.num_samples", f"search {arm.search!r} runs one trial per seed; num_samples must be 1")
         if not search.forms and arm.space:

@@ -96,3 +96,35 @@ def test_same_seed_same_numbers_in_a_fresh_process():
     s = data.load("digits", seed=5)
     m = SGD(build_target("mlp", s.input_shape, 10, hidden=(32,)), s, {"dropout": 0.2, "input_noise": 0.1}, seed=9)
     assert [m.train_epoch() for _ in range(2)] == runs[0]["train"]
+
+
+def _cnn_sgd(**hp):
+    splits = data.load("digits", seed=0)
+    net = build_target("cnn", splits.input_shape, splits.n_outputs, channels=(4, 3), fc_hidden=5)
+    return SGD(net, splits, {"batch_size": 64, **hp}, seed=0)
+
+
+def test_the_stns_data_hyperparameters_as_fixed_values_and_as_a_schedule():
+    """sgd takes the STN's jitter and cutout hyperparameters (so searches and replays tune the
+    same ones): at 0 the batches and the noise stream are untouched; set, they change the
+    batches; a schedule sets them per epoch and reports them as hp/<name>, as the STN does."""
+    plain, off = _cnn_sgd(), _cnn_sgd(brightness=0.0, cutout_length=0.0)
+    x = plain.data["train"][0][:32]
+    assert torch.equal(off._augment(x), x) and torch.equal(off.noise_gen.get_state(), plain.noise_gen.get_state())
+    jittered = _cnn_sgd(brightness=0.5, contrast=0.5)._augment(x)
+    assert not torch.equal(jittered, x) and jittered.shape == x.shape
+    cut = _cnn_sgd(cutout_length=4.9, cutout_holes=1.0)._augment(x)  # floored: a 4 x 4 square, set to 0
+    changed = (cut != x).flatten(1).sum(1)
+    assert (changed > 0).any() and (changed <= 16 * x.shape[1]).all()
+    for hp in ({"brightness": 0.5}, {"cutout_length": 3.0}):
+        with pytest.raises(ValueError, match="needs image inputs"):
+            _sgd("boston", **hp)
+    scheduled = SGD(plain.target, plain.splits, {"batch_size": 64}, seed=0,
+                    schedule=[[0, {"brightness": 0.3, "cutout_length": 5.0}], [1, {"brightness": 0.1, "cutout_length": 0.0}]])
+    scheduled.train_epoch()
+    assert scheduled.diagnostics()["hp/brightness"] == 0.3 and scheduled.diagnostics()["hp/cutout_length"] == 5.0
+    scheduled.train_epoch()
+    assert scheduled.diagnostics()["hp/brightness"] == 0.1 and scheduled.diagnostics()["hp/cutout_length"] == 0.0
+    with pytest.raises(ValueError, match="'hue' is not a dropout, input-noise or augmentation setting"):
+        tabular = _sgd("boston")
+        SGD(tabular.target, tabular.splits, {}, seed=0, schedule=[[0, {"hue": 0.1}]])

@@ -18,6 +18,7 @@ STUDY = {
     "arms": [
         {"name": "stn", "method": "stn", "params": {"batch_size": 64, "warmup_epochs": 1, "hyper_lr": 0.05}},
         {"name": "replayed", "method": "sgd", "search": {"replay": "stn"}, "params": {"batch_size": 64}},
+        {"name": "final", "method": "sgd", "search": {"final": "stn"}, "params": {"batch_size": 64}},
     ],
     "budget": {"seconds": 30, "workers": 1},
     "training": {"max_epochs": 4, "epochs_per_step": 1, "checkpoint_every": 2},
@@ -42,6 +43,11 @@ def test_schedules_are_recorded_and_replayed(stn_study):
     for name in names:
         assert replayed[f"hp/{name}"].iloc[0] == pytest.approx(0.05)  # the STN's start value in epoch 1
         assert replayed[f"hp/{name}"].iloc[1:].tolist() == pytest.approx(stn[f"hp/{name}"].iloc[:-1].tolist())
+    # The final arm held the STN's last values from its first epoch to its last (Table 1's "final").
+    final = df[df.arm == "final"].sort_values("epoch")
+    assert len(final) == len(stn)
+    for name in names:
+        assert final[f"hp/{name}"].tolist() == pytest.approx([stn[f"hp/{name}"].iloc[-1]] * len(final))
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -53,6 +59,14 @@ def test_schedules_are_recorded_and_replayed(stn_study):
     assert len(history) == 4  # the schedule under its own name on the arm run, beside best_trial/...
     assert len(client.get_metric_history(runs["stn/seed0"], "perturb_scale/dropout_in")) == 4
     assert len(client.get_metric_history(runs["stn/seed0"], "best_trial/val_loss")) == 4
+
+
+def test_replay_schedule_starts_every_data_hyperparameter_at_the_stns_start():
+    rows = pd.DataFrame({"trial_id": ["a"], "epoch": [1], "val_loss": [0.5], "hp/brightness": [0.2],
+                         "hp/cutout_length": [5.3], "hp/cutout_holes": [1.7], "hp/dropout_1": [0.1]})
+    schedule = replay_schedule(rows, {"init_jitter": 0.1, "init_cutout_length": 6.0})
+    assert schedule[0] == [0, {"brightness": 0.1, "cutout_length": 6.0, "cutout_holes": 1.0, "dropout_1": 0.05}]
+    assert schedule[1] == [1, {"brightness": 0.2, "cutout_length": 5.3, "cutout_holes": 1.7, "dropout_1": 0.1}]
 
 
 def test_replay_schedule_from_rows():
@@ -69,7 +83,8 @@ def test_replay_schedule_from_rows():
     (lambda arms: arms[1].update(search={"replay": "nope"}), "arms[1].search.replay: 'nope' is not an stn arm"),
     (lambda arms: arms.reverse(), "arms[0].search.replay: 'stn' is not an stn arm listed before this one"),
     (lambda arms: arms[1].update(method="hyper-ml"), "arms[1].method: a replayed schedule trains 'sgd'"),
-    (lambda arms: arms[0]["params"].update(tune="dropout,jitter"), "sgd replays dropout and input noise schedules"),
+    (lambda arms: arms[2].update(search={"final": "replayed"}), "arms[2].search.replay: 'replayed' is not an stn arm"),
+    (lambda arms: arms[2].update(search={"final": "stn", "replay": "stn"}), "search as a mapping takes one key"),
     (lambda arms: arms[1].update(search={"replay": "stn", "x": 1}), "search as a mapping takes one key"),
     (lambda arms: arms[0]["params"].update(variant="stn2"), "arms[0].params.variant: 'stn2' is not one of stn, delta-stn"),
     (lambda arms: arms[0]["params"].update(tune="dropout,colour"), "'colour' is not one of dropout, input_noise"),
@@ -86,6 +101,6 @@ def test_replay_and_stn_errors(change, message):
 
 def test_replay_needs_the_sequential_schedule():
     raw = copy.deepcopy(STUDY)
-    raw["budget"] = {"seconds": 30, "workers": 2, "schedule": "concurrent"}
+    raw["budget"] = {"seconds": 30, "workers": 3, "schedule": "concurrent"}
     with pytest.raises(StudyError, match=r"budget\.schedule: a replay arm needs its STN arm's schedule first"):
         parse_study(raw, "s.yaml")
