@@ -214,6 +214,23 @@ class STN(AlternatingTuner):
         return metrics(torch.cat(outs), y, self.splits, self.log_noise_std)
 
     @torch.no_grad()
+    def plain_weights(self) -> torch.Tensor:
+        """The net at the current hyperparameters as the target's flat weights (P,), what an STN
+        arm's model serves: at one lambda a best-response layer is a plain one, weight
+        W + e_w * W_hyper and bias b + e_b * b_hyper (e = the bottleneck's scales of lambda), so
+        the target evaluates these weights as `evaluate` evaluates the STN."""
+        h = self.net_input(self.u.expand(1, -1))
+        flat = []
+        for layer in self.net.layers:
+            e_w, e_b = (e[0] for e in layer.scales(h))
+            per_row = (-1,) + (1,) * (layer.weight.dim() - 1)
+            flat += [layer.weight + e_w.reshape(per_row) * layer.hyper_weight, layer.bias + e_b * layer.hyper_bias]
+        shapes = [tuple(t.shape) for t in flat]
+        if shapes != [tuple(s) for s in self.target.spec.shapes]:
+            raise ValueError(f"the STN's layers {shapes} do not match the target's {list(self.target.spec.shapes)}")
+        return torch.cat([t.reshape(-1) for t in flat])
+
+    @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
         values, scales = self.values(), F.softplus(self.s)
         out = {f"hp/{n}": float(v) for n, v in zip(self.space.names, values)}

@@ -193,3 +193,22 @@ def test_stn_alexnet_on_cifar_shaped_images():
     u = m.u.detach().clone()
     m.train_epoch()
     assert not torch.equal(u, m.u) and math.isfinite(m.evaluate("val")["loss"])
+
+
+@pytest.mark.parametrize("kind,variant", [("mlp", "stn"), ("cnn", "delta-stn")])
+def test_plain_weights_are_the_net_at_its_hyperparameters(kind, variant):
+    """An STN arm's served model: the target with `plain_weights` predicts as the STN evaluates
+    (at its current lambda, unperturbed). The STN's hyper path adds to the elementary weights;
+    the Delta-STN's is centred at the current lambda, so there its net is the elementary one."""
+    from hypersweep.methods.losses import metrics
+    m = _stn(variant, tune="dropout,input_noise,cutout" if kind == "cnn" else "dropout,input_noise", kind=kind,
+             warmup_epochs=0)
+    m.train_epoch()
+    with torch.no_grad():
+        m.net.layers[0].bottleneck.add_(0.1)  # a non-zero hyper path, also for the Delta-STN
+    w = m.plain_weights()
+    x, y = m.data["val"]
+    served = m.target.forward(w[None], x)[0]
+    assert metrics(served, y, m.splits, m.log_noise_std) == pytest.approx(m.evaluate("val"), rel=1e-4, abs=1e-5)
+    elementary = torch.cat([t.detach().reshape(-1) for layer in m.net.layers for t in (layer.weight, layer.bias)])
+    assert torch.allclose(w, elementary) == (variant == "delta-stn")

@@ -49,6 +49,11 @@ def test_schedules_are_recorded_and_replayed(stn_study):
     for name in names:
         assert final[f"hp/{name}"].tolist() == pytest.approx([stn[f"hp/{name}"].iloc[-1]] * len(final))
 
+    # every arm's model was logged, the STN's as its net at the values it ended with (STN.plain_weights)
+    models = json.loads((study_dir / "models.json").read_text())
+    assert set(models) == {"stn/seed0", "replayed/seed0", "final/seed0"}
+    assert models["stn/seed0"]["test_error"] == pytest.approx(stn.test_error.iloc[-1], abs=0.006)  # <= 2 images
+
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     runs = json.loads((study_dir / "runs.json").read_text())["arms"]

@@ -35,6 +35,8 @@ def sample_members(config: dict[str, Any], checkpoint: tune.Checkpoint, k: int |
     with torch.no_grad():
         if method.generative:
             weights = method.sample_weights(k or int(method.hp["eval_samples"]), torch.Generator(device=device).manual_seed(sample_seed))
+        elif hasattr(method, "plain_weights"):  # the STN: its net at the hyperparameters it ended with
+            weights = method.plain_weights()[None]
         else:
             weights = target.flat_weights(method.module)[None]
     log_std = float(method.log_noise_std.detach())
