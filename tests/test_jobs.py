@@ -178,6 +178,7 @@ def test_stop_then_resume_a_submitted_study(cluster):
     assert len(parents) == 1 and parents[0].data.tags["resumed"] == "1" and parents[0].info.status == "FINISHED"
 
 
+@pytest.mark.slow  # ~3 minutes (a 75 s arm, a node joining, the job followed): the default suite stays near 15
 def test_a_study_spreads_over_two_nodes_and_survives_losing_one(cluster):
     """Four 2-CPU trial slots on a 4-CPU head and a 2-CPU second node: the head holds two, so
     the third runs on the second node, and the reports name both nodes. (With 1-CPU trials Ray
