@@ -211,7 +211,7 @@ class Folder:
 
     def write_table(self, rel: str, df: pd.DataFrame) -> str:
         buf = io.BytesIO()
-        _one_type_per_column(df).to_parquet(buf, index=False)
+        df.to_parquet(buf, index=False)
         return self.write_bytes(rel, buf.getvalue())
 
     @contextlib.contextmanager
@@ -434,7 +434,10 @@ class StudyDir(Folder):
         """Every report so far: all parts (those of running arms included), in one table."""
         frames = [self.read_table(f"{self.PARTS}/{name}") for name in self.list(self.PARTS, suffix=".parquet")]
         frames = [f for f in frames if f is not None and not f.empty]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS)
+        # (one arm's part holds one method; parts of two methods may give a column two kinds)
+        if not frames:
+            return pd.DataFrame(columns=KEY_COLUMNS)
+        return _one_type_per_column(pd.concat(frames, ignore_index=True))
 
     def consolidate(self) -> str:
         """Rewrite results.parquet from the parts."""
