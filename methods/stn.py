@@ -76,6 +76,17 @@ def dropout_names(n_sites: int) -> list[str]:
     return ["dropout_in"] + [f"dropout_{k}" for k in range(1, n_sites)]
 
 
+# the start value of each tuned hyperparameter: its group's init_<...> (dropout_<site>: init_dropout)
+START = {"input_noise": "init_input_noise", "brightness": "init_jitter", "contrast": "init_jitter",
+         "saturation": "init_jitter", "hue": "init_jitter", "cutout_length": "init_cutout_length",
+         "cutout_holes": "init_cutout_holes"}
+
+
+def start_value(hp: Mapping[str, Any], name: str) -> float:
+    """Where the STN starts the tuned hyperparameter `name` (resolved `hp`)."""
+    return float(hp["init_dropout"] if name.startswith("dropout") else hp[START[name]])
+
+
 def build_space(hp: Mapping[str, Any], n_sites: int, input_shape: tuple[int, ...]) -> Space:
     groups = [g.strip() for g in hp["tune"].split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
@@ -86,20 +97,19 @@ def build_space(hp: Mapping[str, Any], n_sites: int, input_shape: tuple[int, ...
     for g in ("jitter", "cutout"):
         if g in groups and not image:
             raise ValueError(f"hyperparameter 'tune': {g} needs image inputs")
-    tuned = []
+    ranges = []  # (name, low, high, discrete)
     if "dropout" in groups:
-        tuned += [Tuned(n, 0.0, DROPOUT_MAX, hp["init_dropout"]) for n in dropout_names(n_sites)]
+        ranges += [(n, 0.0, DROPOUT_MAX, False) for n in dropout_names(n_sites)]
     if "input_noise" in groups:
-        tuned.append(Tuned("input_noise", 0.0, math.inf, hp["init_input_noise"]))
+        ranges.append(("input_noise", 0.0, math.inf, False))
     if "jitter" in groups:
-        tuned += [Tuned("brightness", 0.0, 1.0, hp["init_jitter"]), Tuned("contrast", 0.0, 1.0, hp["init_jitter"])]
+        ranges += [("brightness", 0.0, 1.0, False), ("contrast", 0.0, 1.0, False)]
         if input_shape[0] == 3:
-            tuned += [Tuned("saturation", 0.0, 1.0, hp["init_jitter"]), Tuned("hue", 0.0, 0.5, hp["init_jitter"])]
+            ranges += [("saturation", 0.0, 1.0, False), ("hue", 0.0, 0.5, False)]
     if "cutout" in groups:
         side = min(input_shape[1:])
-        tuned += [Tuned("cutout_length", 0.0, side + 1.0, hp["init_cutout_length"], discrete=True),
-                  Tuned("cutout_holes", 0.0, 5.0, hp["init_cutout_holes"], discrete=True)]
-    return Space(tuned)
+        ranges += [("cutout_length", 0.0, side + 1.0, True), ("cutout_holes", 0.0, 5.0, True)]
+    return Space([Tuned(n, low, high, start_value(hp, n), discrete=d) for n, low, high, d in ranges])
 
 
 class STN(AlternatingTuner):

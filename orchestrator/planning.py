@@ -87,15 +87,12 @@ def replay_schedule(rows, stn_hp: dict[str, Any]) -> list[list[Any]]:
     the reports (`hp/<name>` after `epoch` epochs) of its best trial by validation loss, led by
     the STN's start values at epoch 0. `rows`: the STN arm x seed's results (a DataFrame)."""
     from hypersweep.methods.hparams import resolve
-    from hypersweep.methods.stn import hyperparameters
+    from hypersweep.methods.stn import hyperparameters, start_value
     best = rows.loc[rows.val_loss.idxmin(), "trial_id"]
     trial = rows[rows.trial_id == best].sort_values("epoch")
     names = [c[3:] for c in trial.columns if c.startswith("hp/")]
     hp = resolve(hyperparameters(0), stn_hp)
-    start = {"input_noise": "init_input_noise", "cutout_length": "init_cutout_length",
-             "cutout_holes": "init_cutout_holes", **dict.fromkeys(("brightness", "contrast", "saturation", "hue"),
-                                                                  "init_jitter")}
-    schedule = [[0, {n: float(hp["init_dropout"] if n.startswith("dropout") else hp[start[n]]) for n in names}]]
+    schedule = [[0, {n: start_value(hp, n) for n in names}]]
     for epoch, values in zip(trial.epoch, trial[[f"hp/{n}" for n in names]].to_dict("records")):
         entry = {n: float(values[f"hp/{n}"]) for n in names}
         if not all(math.isfinite(v) for v in entry.values()):
