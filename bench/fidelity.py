@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
                             for c in dict.fromkeys(r["commit"] for r in runs))
         sections["diverse"] = (
             f"## hyper-diverse (Deutsch et al. 2019): accuracy against diversity over lambda\n\n"
-            f"Commits {commits}; this invocation {time.perf_counter() - t:.0f} s, each run's own train_s in the JSON. Paper: LeNet on CIFAR-10 (Table 1), accuracy "
+            f"Commits {commits}; this invocation {time.perf_counter() - t:.0f} s, each run's own train_s in the "
+            f"JSON. Paper: LeNet on CIFAR-10 (Table 1), accuracy "
             f"(single sample / ensemble of 10 by majority vote); its MNIST figures are histograms. Ours: the MLP "
             f"256-256 on {DATASET}, test error (%) of one sample (mean over 16) and of the 16-sample mean "
             f"prediction, mean +- std over seeds (split k for seed k); disagreement: the share of test images on "

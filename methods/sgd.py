@@ -3,9 +3,10 @@ Bayesian searches tune.
 
 Hyperparameters: lr, momentum, weight decay, input dropout and per-layer dropout, Gaussian
 input noise (on standardised inputs), batch size; on images crop-and-flip and the STN's data
-hyperparameters (colour jitter strengths, cutout length and holes), fixed or replayed. Classification minimises cross-entropy;
-regression minimises the Gaussian negative log-likelihood with a learned homoscedastic noise
-scale, and reports RMSE and NLL in the data's units.
+hyperparameters (colour jitter strengths, cutout length and holes), fixed or replayed.
+Classification minimises cross-entropy; regression minimises the Gaussian negative
+log-likelihood with a learned homoscedastic noise scale, and reports RMSE and NLL in the data's
+units.
 
 All randomness comes from generators seeded with named children of `seed` (methods/seeding.py):
 initialisation, then data order and noise (dropout masks, input noise, augmentation) from two

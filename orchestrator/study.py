@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hypersweep.orchestrator.searches import FORMS, SCHEDULERS, SEARCHES
+from hypersweep.orchestrator.searches import FORMS, SCHEDULERS, SEARCHES, STN_SOURCED
 
 
 MAX_FILE_BYTES = 1 << 20
@@ -112,10 +112,9 @@ class ArmConfig(_Frozen):
         {final: ARM}` (the STN's last values, fixed) as `search: final` plus `replay: ARM`."""
         if isinstance(data, dict) and isinstance(data.get("search"), dict):
             search = data["search"]
-            if len(search) != 1 or next(iter(search)) not in ("replay", "final") \
-                    or not isinstance(next(iter(search.values())), str):
+            (kind, source), = search.items() if len(search) == 1 else [(None, None)]
+            if kind not in STN_SOURCED or not isinstance(source, str):
                 raise ValueError(f"search as a mapping takes one key, replay or final: <stn arm name>; got {search!r}")
-            (kind, source), = search.items()
             data = {**data, "search": kind, "replay": source}
         return data
 

@@ -613,7 +613,8 @@ class Tracker:
 
     def _merge(self, op: _Op) -> bool:
         """Metrics join the run's last queued batch of metrics (with the run's params, if it
-        carries them) when nothing of that run came after it (fewer requests when the store is back; the order of the run's records holds)."""
+        carries them) when nothing of that run came after it (fewer requests when the store is
+        back; the order of the run's records holds)."""
         if op.kind != "batch" or set(op.args) != {"metrics"}:
             return False
         for prev in reversed(self._pending):
