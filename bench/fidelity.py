@@ -82,9 +82,9 @@ DIVERSE_LAMBDAS = [1e3, 1e4, 1e5, 1e9]
 DIVERSE_PAPER = {"without entropy": (76.26, 76.47), "with entropy": (72.34, 78.21)}
 
 
-def train_diverse(lambda_: float, seed: int, steps: int) -> dict:
+def train_diverse(lambda_: float, seed: int, steps: int, image_batch: int = 8) -> dict:
     """One hyper-diverse run on mnist-5k -> test errors in %, disagreement, and the validation
-    curve every 250 steps."""
+    curve every 250 steps. `image_batch`: distinct images per weight sample (the reference: 32)."""
     import torch
     torch.set_num_threads(1)
     from hypersweep.methods import data
@@ -92,7 +92,7 @@ def train_diverse(lambda_: float, seed: int, steps: int) -> dict:
     from hypersweep.methods.targets import build_target
     splits = data.load(DATASET, seed=0, split_index=seed)
     net = build_target("mlp", splits.input_shape, splits.n_outputs, hidden=(256, 256))
-    m = HyperDiverse(net, splits, {"lambda_": lambda_, "image_batch": 8, "eval_samples": 16}, seed=seed)
+    m = HyperDiverse(net, splits, {"lambda_": lambda_, "image_batch": image_batch, "eval_samples": 16}, seed=seed)
     done, curve, t = 0, [], time.perf_counter()
     step = m.scheduler_step
 
@@ -110,7 +110,7 @@ def train_diverse(lambda_: float, seed: int, steps: int) -> dict:
                           "x1": 100 * test["error_single"], "x16": 100 * test["error"],
                           "disagreement": _disagreement(m)})
     test = m.evaluate("test")
-    return {"lambda": lambda_, "seed": seed, "steps": done, "x1": 100 * test["error_single"],
+    return {"lambda": lambda_, "seed": seed, "steps": done, "image_batch": image_batch, "x1": 100 * test["error_single"],
             "x16": 100 * test["error"], "disagreement": _disagreement(m), "entropy": m.last_entropy,
             "curve": curve, "train_s": time.perf_counter() - t}
 
