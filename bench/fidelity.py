@@ -125,53 +125,65 @@ def _disagreement(m) -> float:
 
 
 def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_seeds: int = 1,
-                  lambdas: list[float] = DIVERSE_LAMBDAS, kept: list[dict] = (),
-                  version: str = "") -> tuple[list[dict], str]:
-    """lambda 1e3 (the paper's) over `seeds` seeds and `steps` steps: the target table. The other
-    `lambdas` over `sweep_seeds` seeds and `sweep_steps` steps, beside lambda 1e3's test errors at
-    that step (its runs evaluate every 250 steps): the trade-off table. Each finished run is
-    appended to results/fidelity-diverse-runs.jsonl at once, so a run cut short keeps what ended.
-    `kept`: runs of an earlier invocation (with their commit) that this one does not repeat when
-    they have the same lambda, seed and steps."""
+                  lambdas: list[float] = DIVERSE_LAMBDAS, kept: list[dict] = (), version: str = "",
+                  target_lambda: float = 1e3, image_batch: int = 8) -> tuple[list[dict], str]:
+    """`target_lambda` over `seeds` seeds and `steps` steps: the target table. The other `lambdas`
+    over `sweep_seeds` seeds and `sweep_steps` steps: the trade-off table, where a longer run of the
+    same lambda, seed and image batch stands in with its test errors at that step (runs evaluate
+    every 250 steps). Each finished run is appended to results/fidelity-diverse-runs.jsonl at once,
+    so a run cut short keeps what ended. `kept`: runs of an earlier invocation (with their commit):
+    they are shown, and this one does not repeat them."""
     import json
-    jobs = [(1e3, k, steps) for k in range(seeds)]
-    jobs += [(lam, k, sweep_steps) for lam in lambdas if lam != 1e3 for k in range(sweep_seeds)]
-    reused = [r for r in kept if (r["lambda"], r["seed"], r["requested_steps"]) in set(jobs)]
-    jobs = [j for j in jobs if j not in {(r["lambda"], r["seed"], r["requested_steps"]) for r in reused}]
+    runs = list(kept)
+
+    def covered(lam, k, at_least, exact=None):
+        return any((r["lambda"], r["seed"], r["image_batch"]) == (lam, k, image_batch)
+                   and (r["requested_steps"] == exact if exact else r["requested_steps"] >= at_least) for r in runs)
+    jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds) if not covered(target_lambda, k, 0, steps)]
+    jobs += [(lam, k, sweep_steps, image_batch) for lam in lambdas if lam != target_lambda
+             for k in range(sweep_seeds) if not covered(lam, k, sweep_steps)]
     partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("")  # this invocation's runs only
-    runs = list(reused)
     with ProcessPoolExecutor(workers) as pool:
         futures = {pool.submit(train_diverse, *job): k for k, job in enumerate(jobs)}
         for future in as_completed(futures):
             runs.append({**future.result(), "commit": version, "requested_steps": jobs[futures[future]][2]})
             with partial.open("a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
-    runs.sort(key=lambda r: (r["lambda"], r["seed"]))
-    main = [r for r in runs if r["lambda"] == 1e3]
-    x1, x16 = [r["x1"] for r in main], [r["x16"] for r in main]
-    lines = ["| lambda | steps | seeds | ours x1 err. (%) | ours x16 err. (%) | x16 - x1 | disagreement (%) | "
-             "target |", "|---|---|---|---|---|---|---|---|",
-             f"| 1e+03 | {steps} | {len(main)} | {_spread(x1)} | {_spread(x16)} | "
-             f"{_spread([b - a for a, b in zip(x1, x16)])} | {_spread([r['disagreement'] for r in main])} | "
-             f"x1 <= 11, x16 <= x1 |", "",
-             f"Over lambda, at {sweep_steps} steps (lambda 1e3: its runs' test errors at that step):", "",
-             "| lambda | paper x1 / x10 acc. (%) | ours x1 err. (%) | ours x16 err. (%) | x16 - x1 | "
-             "disagreement (%) | seeds |", "|---|---|---|---|---|---|---|"]
-    for lam in sorted({1e3, *lambdas}):
-        if lam == 1e3:
-            at = [next((c for c in r["curve"] if c["step"] >= sweep_steps), None) for r in main]
-            rows = [c for c in at if c]
-        else:
-            rows = [r for r in runs if r["lambda"] == lam]
+    runs.sort(key=lambda r: (r["lambda"], r["image_batch"], r["seed"], r["requested_steps"]))
+    groups = sorted({(r["lambda"], r["image_batch"]) for r in runs})
+    lines = ["| lambda | images per sample | steps | seeds | ours x1 err. (%) | ours x16 err. (%) | x16 - x1 | "
+             "disagreement (%) | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for lam, batch in groups:
+        rows = [r for r in runs if (r["lambda"], r["image_batch"], r["requested_steps"]) == (lam, batch, steps)]
+        if rows:
+            a, b = [r["x1"] for r in rows], [r["x16"] for r in rows]
+            lines.append(f"| {_lambda(lam)} | {batch} | {steps} | {len(rows)} | {_spread(a)} | {_spread(b)} | "
+                         f"{_spread([q - p for p, q in zip(a, b)])} | {_spread([r['disagreement'] for r in rows])} | "
+                         f"x1 <= 11, x16 <= x1 |")
+    lines += ["", f"Over lambda, at {sweep_steps} steps (a longer run: its test errors at that step):", "",
+              "| lambda | images per sample | paper x1 / x10 acc. (%) | ours x1 err. (%) | ours x16 err. (%) | "
+              "x16 - x1 | disagreement (%) | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for lam, batch in groups:
+        rows = []
+        for k in sorted({r["seed"] for r in runs if (r["lambda"], r["image_batch"]) == (lam, batch)}):
+            mine = [r for r in runs if (r["lambda"], r["image_batch"], r["seed"]) == (lam, batch, k)]
+            exact = [r for r in mine if r["requested_steps"] == sweep_steps]
+            longer = [c for r in mine if r["requested_steps"] > sweep_steps for c in r["curve"] if c["step"] >= sweep_steps]
+            rows += exact[:1] or longer[:1]
+        if not rows:
+            continue
         paper = DIVERSE_PAPER.get("with entropy" if lam == 1e3 else "without entropy" if lam == 1e9 else "")
         a, b = [r["x1"] for r in rows], [r["x16"] for r in rows]
-        lines.append(f"| {lam:.0e}{' (w/o entropy)' if lam == 1e9 else ''} | "
-                     f"{f'{paper[0]} / {paper[1]}' if paper else '-'} | {_spread(a)} | {_spread(b)} | "
-                     f"{_spread([q - p for p, q in zip(a, b)])} | "
+        lines.append(f"| {_lambda(lam)} | {batch} | {f'{paper[0]} / {paper[1]}' if paper else '-'} | {_spread(a)} | "
+                     f"{_spread(b)} | {_spread([q - p for p, q in zip(a, b)])} | "
                      f"{_spread([r['disagreement'] for r in rows])} | {len(rows)} |")
     return runs, "\n".join(lines) + "\n"
+
+
+def _lambda(lam: float) -> str:
+    return f"{lam:.0e}" + (" (w/o entropy)" if lam == 1e9 else "")
 
 
 def _spread(values: list[float]) -> str:
@@ -209,16 +221,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the lambdas other than 1e3")
     parser.add_argument("--lambdas", type=float, nargs="+", default=DIVERSE_LAMBDAS,
                         help="hyper-diverse's lambda sweep (1e3 always runs, over --seeds)")
+    parser.add_argument("--target-lambda", type=float, default=1e3,
+                        help="hyper-diverse: the lambda run over --seeds and --steps (the paper's: 1e3)")
+    parser.add_argument("--image-batch", type=int, default=8,
+                        help="hyper-diverse: distinct images per weight sample (the reference's: 32)")
     parser.add_argument("--only", choices=("posterior", "diverse"), help="one table (the other is kept)")
     parser.add_argument("--keep-runs", action="store_true",
-                        help="hyper-diverse: keep the recorded runs with the same lambda, seed and steps (each "
-                             "names its commit) and run only the missing ones")
+                        help="hyper-diverse: keep the recorded runs (each names its commit) in the tables and run "
+                             "only the missing ones (same lambda, seed, steps and image batch)")
     args = parser.parse_args(argv or [])
     version = commit()
     old = _previous()
     recorded = old.get("hyper_diverse", {})
     # (runs recorded before requested_steps: an epoch ends a run up to 14 steps past the request)
-    kept = [{"commit": recorded.get("commit", "?"), "requested_steps": r["steps"] // 50 * 50, **r}
+    kept = [{"commit": recorded.get("commit", "?"), "requested_steps": r["steps"] // 50 * 50, "image_batch": 8, **r}
             for r in recorded.get("runs", [])] if args.keep_runs else []
     sections, record = dict(old.get("sections", {})), {"commit": version, **{k: v for k, v in old.items()
                                                                           if k in ("hyper_posterior", "hyper_diverse")}}
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "diverse"):
         t = time.perf_counter()
         runs, table = diverse_table(args.seeds, args.steps, args.workers, args.sweep_steps, args.sweep_seeds,
-                                    args.lambdas, kept, version)
+                                    args.lambdas, kept, version, args.target_lambda, args.image_batch)
         commits = ", ".join(f"{c} ({sum(r['commit'] == c for r in runs)} runs)"
                             for c in dict.fromkeys(r["commit"] for r in runs))
         sections["diverse"] = (
@@ -241,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
             f"(single sample / ensemble of 10 by majority vote); its MNIST figures are histograms. Ours: the MLP "
             f"256-256 on {DATASET}, test error (%) of one sample (mean over 16) and of the 16-sample mean "
             f"prediction, mean +- std over seeds (split k for seed k); disagreement: the share of test images on "
-            f"which two of the 16 samples differ, averaged over pairs. {args.steps} steps of 32 weight samples x "
-            f"8 images (the lambda sweep: {args.sweep_steps}), Adam lr 3e-4 decayed x0.99998 per step, the reference hypernet. The claim to check: "
+            f"which two of the 16 samples differ, averaged over pairs. {args.steps} steps (the lambda sweep: {args.sweep_steps}) "
+            f"of 32 weight samples x the row's images per sample (the reference: 32), Adam lr 3e-4 decayed "
+            f"x0.99998 per step, the reference hypernet; lambda {args.target_lambda:.0e} is this invocation's "
+            f"target row. The claim to check: "
             f"the entropy term costs single-sample accuracy and buys ensemble accuracy; lambda 1e9 is "
             f"the ablation without it.\n\n{table}")
         record["hyper_diverse"] = {"commit": version, "dataset": DATASET, "model": {"kind": "mlp", "hidden": [256, 256]},
