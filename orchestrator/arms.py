@@ -12,6 +12,7 @@ from hypersweep.orchestrator.budget import Clock
 from hypersweep.orchestrator.ensembles import run_ensemble
 from hypersweep.orchestrator.planning import ArmSeed, replay_schedule, trial_config
 from hypersweep.orchestrator.plots import schedule_plot
+from hypersweep.orchestrator.progress import ArmStatus
 from hypersweep.orchestrator.recorder import ArmContext, Recorder
 from hypersweep.orchestrator.searches import STN_SOURCED
 from hypersweep.orchestrator.study import Study
@@ -148,7 +149,7 @@ def _cancel(running: list) -> None:
 
 def refuse_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, why: str) -> None:
     log.warning("%s: %s", ctx.unit.key, why)
-    ctx.status.status = "failed"
+    ctx.status.status, ctx.status.reason = "failed", why
     study_dir.write_part(ctx.unit.arm.name, ctx.unit.seed_index, [])
     tracker.set_tags(ctx.run_id, {"error": why})
     tracker.end_run(ctx.run_id, "FAILED")
@@ -200,6 +201,10 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         log.warning("%s failed: %s", unit.key, outcome["error"])
         tracker.set_tags(run_id, {"error": outcome["error"][:4000]})
     failed = not recorder.rows or errors < 0 or errors == status.trials_started
+    if failed:
+        status.reason = failure_reason(outcome, recorder.rows, errors, status)
+        if "error" not in outcome:
+            tracker.set_tags(run_id, {"error": status.reason})
     status.status, status.trial_errors = "ending", errors
     if ctx.records is not None:
         ctx.records.write_arms()
@@ -218,6 +223,19 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         arm_ensemble(ctx, tracker, study_dir)
     status.status = "failed" if failed else "done"
     tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+def failure_reason(outcome: dict[str, Any], rows: list[dict], errors: int, status: ArmStatus) -> str:
+    """One line on why an arm x seed failed (finish_arm's `failed`)."""
+    if "error" in outcome:
+        return (outcome["error"].strip().splitlines() or ["Tune failed"])[0][:500]
+    if errors > 0 and errors >= status.trials_started:
+        return (f"every trial failed ({status.trials_started} started; their error.txt files are in the arm's "
+                f"Tune folder)")
+    if not rows:
+        return (f"no trial reported within the budget ({status.budget_s:g} s): a longer budget "
+                f"(resume --budget-s) or a first report sooner (fewer steps per epoch) lets one")
+    return "the arm's Tune run failed"
 
 
 def arm_ensemble(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir) -> None:

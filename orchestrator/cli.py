@@ -174,7 +174,10 @@ def _unwritable(study_dir, err: OSError) -> None:
 
 def _end_of_study(statuses) -> None:
     _shutdown_ray()
-    if any(s.status == "failed" for s in statuses):
+    failed = [s for s in statuses if s.status == "failed"]
+    if failed:
+        for s in failed:
+            click.echo(f"hypersweep: {s.arm} seed {s.seed_index} failed: {s.reason or 'see its Tune folder'}", err=True)
         click.echo("hypersweep: some arms failed; see the summary and the Tune folders in the study directory", err=True)
         sys.exit(1)
 

@@ -33,6 +33,7 @@ class ArmStatus:
     # GPU-seconds (each trial's wall time x the GPUs it was given: an allocation, not a measurement)
     cpu_s: float = 0.0
     gpu_s: float = 0.0
+    reason: str = ""  # why it failed, in one line (arms.json, the arm run's `error` tag, the CLI's last words)
 
     @property
     def ended(self) -> bool:
@@ -103,6 +104,7 @@ def summary_markdown(statuses: list[ArmStatus], task: str) -> str:
                      f"{_fmt(s.best_row.get(val_col))} | {_fmt(s.best_row.get(test_col))} | "
                      f"{s.wall_time_used_s:.1f} | {'yes' if s.within_budget else 'NO'} | {s.cpu_s:.1f} | "
                      f"{s.gpu_s:.1f} | {s.trials_started} |")
-    return "\n".join(lines) + "\n\nEvery arm x seed had the same wall-clock budget on the same resources (a one-trial " \
+    failed = [f"- {s.arm} seed {s.seed_index} failed: {s.reason}" for s in statuses if s.status == "failed" and s.reason]
+    return "\n".join(lines + ([""] + failed if failed else [])) + "\n\nEvery arm x seed had the same wall-clock budget on the same resources (a one-trial " \
         "arm: every worker slot's CPUs as torch threads, or one whole GPU). CPU time: what its trials' processes used " \
         "from their setup to their last report; GPU: each trial's wall time x the GPUs it was given.\n"

@@ -221,7 +221,7 @@ class StudyRecords:
             "within_budget": s.within_budget, "cpu_s": round(s.cpu_s, 3), "gpu_s": round(s.gpu_s, 3),
             "trials": s.trials_started, "reports": s.reports,
             "interruptions": s.interruptions, "trial_errors": s.trial_errors, "extensions": s.extensions,
-            "schedule": self.study.budget.schedule,
+            "schedule": self.study.budget.schedule, **({"reason": s.reason} if s.reason else {}),
             **({"trial_resources": s.trial_resources} if s.trial_resources else {}),
             **({"timeline": s.timeline} if s.timeline else {})}
             for s in self.statuses if s.status != "pending"})
@@ -360,6 +360,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
             s.trial_errors = int(saved.get("trial_errors", 0))
             s.extensions = int(saved.get("extensions", 0))
             s.cpu_s, s.gpu_s = float(saved.get("cpu_s", 0.0)), float(saved.get("gpu_s", 0.0))
+            s.reason = str(saved.get("reason", ""))
             s.timeline = saved.get("timeline") if isinstance(saved.get("timeline"), dict) else {}
             s.trial_resources = saved.get("trial_resources") if isinstance(saved.get("trial_resources"), dict) else {}
             if s.ended:

@@ -210,6 +210,9 @@ def test_a_killed_worker_without_retries_fails_its_trial_and_the_study_goes_on(t
     assert rows.step.tolist() == list(range(1, reported + 1))  # what it reported before stays
     arms = json.loads((sd / "arms.json").read_text())
     assert arms["killed/seed0"]["status"] == "failed" and arms["next/seed0"]["status"] == "done"
+    assert arms["killed/seed0"]["reason"].startswith("every trial failed (1 started") and "reason" not in arms["next/seed0"]
+    assert "killed seed 0 failed: every trial failed" in result.output
+    assert "- killed seed 0 failed: every trial failed" in (sd / "summary.md").read_text()
     for key in ("killed/seed0", "next/seed0"):
         assert within_budget(arms[key]["wall_time_used_s"], NO_RETRY_BUDGET_S)
     # the killed arm stops at its error, it does not idle until its budget ends
@@ -228,6 +231,7 @@ def test_a_killed_worker_without_retries_fails_its_trial_and_the_study_goes_on(t
     all_runs = client.search_runs([exp.experiment_id], max_results=1000)
     arm_runs = {r.data.tags["arm"]: r for r in all_runs if r.data.tags.get("kind") == "arm"}
     assert arm_runs["killed"].info.status == "FAILED" and arm_runs["killed"].data.metrics["summary/trial_errors"] == 1
+    assert arm_runs["killed"].data.tags["error"] == arms["killed/seed0"]["reason"]
     assert arm_runs["next"].info.status == "FINISHED" and arm_runs["next"].data.metrics["summary/trial_errors"] == 0
     study_run = next(r for r in all_runs if r.data.tags.get("kind") == "study")
     assert study_run.info.status == "FAILED"
@@ -317,3 +321,14 @@ def test_a_diverging_trial_fails_with_its_reason_and_is_not_retried(tmp_path, ra
     assert max(e.payload.get("restores", 0) for e in _results(events, "blowup")) == 0
     assert [e.payload for e in events if e.kind == "end"] == [False]
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_failed_arm_says_why_in_one_line():
+    from hypersweep.orchestrator.arms import failure_reason
+    from hypersweep.orchestrator.progress import ArmStatus
+    status = ArmStatus("slow", 0, budget_s=150)
+    status.trials_started = 2
+    assert failure_reason({"errors": 0}, [], 0, status).startswith("no trial reported within the budget (150 s)")
+    assert failure_reason({"errors": 2}, [], 2, status).startswith("every trial failed (2 started")
+    tune_error = {"errors": -1, "error": "TuneError: the experiment could not start\n  more lines"}
+    assert failure_reason(tune_error, [], -1, status) == "TuneError: the experiment could not start"
