@@ -140,6 +140,54 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# filesystems where SQLite's write-ahead log is safe: on local disks only (its shared-memory index
+# does not work over NFS, SMB and the like, https://sqlite.org/wal.html)
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "overlay", "jfs", "reiserfs"}
+
+
+def filesystem_of(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem that holds `path` (`mounts`: the text of Linux's /proc/mounts,
+    read when None), None when unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in (mounts or Path("/proc/mounts").read_text()).splitlines()]
+    except OSError:
+        return None
+    path = path.resolve()
+    best = max((m for m in mounts if len(m) == 2 and (path == Path(m[0]) or Path(m[0]) in path.parents)),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def write_ahead(db: Path) -> bool:
+    """Put a sqlite store on a local disk in write-ahead-log mode (kept in the file, so `mlflow ui`
+    and every later process use it too): a commit then appends to mlflow.db-wal instead of
+    rewriting pages through a rollback journal, and with synchronous=NORMAL on the coordinator's
+    connections (sqlite_connection) it waits for no fsync. A process killed mid-study loses
+    nothing committed (the log is replayed by the next opener); a power cut may roll back the
+    last commits, which a resume sends again. Not on network filesystems, and not where the
+    filesystem is unknown. Returns whether the store is in WAL mode."""
+    import sqlite3
+    if filesystem_of(db) not in LOCAL_FILESYSTEMS:
+        return False
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:  # (busy: it stays in rollback-journal mode)
+            return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
+    except sqlite3.Error:
+        return False
+
+
+def sqlite_connection(dbapi_connection, _record) -> None:
+    """SQLAlchemy 'connect' hook: a sqlite connection of a store in WAL mode syncs at checkpoints,
+    not at every commit."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+
 def init_store(uri: str) -> None:
     """Make (or upgrade) a sqlite store's tables once, under a lock file beside the database,
     before anything uses it. MLflow creates and migrates the schema on a process's first access,
@@ -158,9 +206,18 @@ def init_store(uri: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # (its INFO lines on table creation)
+            if write_ahead(db):  # (before MLflow's first connection, which its engine keeps)
+                _listen_for_sqlite_connections()
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _listen_for_sqlite_connections() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    if not event.contains(Engine, "connect", sqlite_connection):
+        event.listen(Engine, "connect", sqlite_connection)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

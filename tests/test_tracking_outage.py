@@ -694,3 +694,35 @@ def test_processes_starting_together_on_a_new_sqlite_store(tmp_path):
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert len({out.strip().splitlines()[-1] for out in outputs}) == 1, outputs
+
+
+def test_a_sqlite_store_on_a_local_disk_writes_ahead_and_one_on_nfs_does_not(tmp_path, monkeypatch):
+    """A commit into a sqlite store in WAL mode with synchronous=NORMAL waits for no fsync (the
+    coordinator's cost per trial, bench/scale.py); the mode is kept in the file, so the MLflow
+    server reads it as well. Network filesystems cannot hold a write-ahead log: they keep the
+    rollback journal."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from hypersweep.orchestrator import tracking
+    mounts = "/dev/vda / ext4 rw 0 0\nserver:/export /data nfs4 rw 0 0\ntmpfs /data/scratch tmpfs rw 0 0\n"
+    assert tracking.filesystem_of(Path("/data/study/mlflow.db"), mounts) == "nfs4"
+    assert tracking.filesystem_of(Path("/data/scratch/mlflow.db"), mounts) == "tmpfs"
+    assert tracking.filesystem_of(Path("/home/me/mlflow.db"), mounts) == "ext4"
+
+    local = tmp_path / "local" / "mlflow.db"
+    monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: "ext4")
+    t = Tracker(f"sqlite:///{local}", "wal")
+    t.flush(t.start_run("a"))
+    assert sqlite3.connect(local).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with t.client._tracking_client.store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).fetchone()[0] == 1  # NORMAL
+
+    shared = tmp_path / "nfs" / "mlflow.db"
+    monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: "nfs4")
+    t = Tracker(f"sqlite:///{shared}", "no-wal")
+    t.flush(t.start_run("a"))
+    assert sqlite3.connect(shared).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with t.client._tracking_client.store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).fetchone()[0] == 2  # FULL, sqlite's default
