@@ -164,8 +164,8 @@ def write_ahead(db: Path) -> bool:
     rewriting pages through a rollback journal, and with synchronous=NORMAL on the coordinator's
     connections (sqlite_connection) it waits for no fsync. A process killed mid-study loses
     nothing committed (the log is replayed by the next opener); a power cut may roll back the
-    last commits, which a resume sends again. Not on network filesystems, and not where the
-    filesystem is unknown. Returns whether the store is in WAL mode."""
+    store's last commits (not the study directory's records). Not on network filesystems, and
+    not where the filesystem is unknown. Returns whether the store is in WAL mode."""
     import sqlite3
     if filesystem_of(db) not in LOCAL_FILESYSTEMS:
         return False
