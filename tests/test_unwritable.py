@@ -168,6 +168,7 @@ def _fill(disk) -> "os.PathLike":
     return filler
 
 
+@pytest.mark.slow  # (~2 min; the write failures it meets are each tested on a faulty filesystem above)
 def test_a_full_disk_stops_the_study_and_resume_finishes_it(tmp_path, small_disk):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
     sd, uri = small_disk / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's store is elsewhere
