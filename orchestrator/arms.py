@@ -201,10 +201,9 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
         log.warning("%s failed: %s", unit.key, outcome["error"])
         tracker.set_tags(run_id, {"error": outcome["error"][:4000]})
     failed = not recorder.rows or errors < 0 or errors == status.trials_started
-    if failed:
-        status.reason = failure_reason(outcome, recorder.rows, errors, status)
-        if "error" not in outcome:
-            tracker.set_tags(run_id, {"error": status.reason})
+    status.reason = failure_reason(outcome, recorder.rows, errors, status) if failed else ""
+    if failed and "error" not in outcome:
+        tracker.set_tags(run_id, {"error": status.reason})
     status.status, status.trial_errors = "ending", errors
     if ctx.records is not None:
         ctx.records.write_arms()
