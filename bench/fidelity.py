@@ -136,12 +136,13 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
     import json
     runs = list(kept)
 
-    def covered(lam, k, at_least, exact=None):
-        return any((r["lambda"], r["seed"], r["image_batch"]) == (lam, k, image_batch)
-                   and (r["requested_steps"] == exact if exact else r["requested_steps"] >= at_least) for r in runs)
-    jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds) if not covered(target_lambda, k, 0, steps)]
-    jobs += [(lam, k, sweep_steps, image_batch) for lam in lambdas if lam != target_lambda
-             for k in range(sweep_seeds) if not covered(lam, k, sweep_steps)]
+    def covered(lam, k, exact, at=None):
+        """A run of lam, seed k with `exact` requested steps, or (`at`) one whose curve passed that step."""
+        return any((r["lambda"], r["seed"], r["image_batch"]) == (lam, k, image_batch) and (
+            r["requested_steps"] == exact or (at and any(c["step"] >= at for c in r["curve"]))) for r in runs)
+    jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds) if not covered(target_lambda, k, steps)]
+    jobs += [(lam, k, sweep_steps, image_batch) for lam in dict.fromkeys(lambdas) if lam != target_lambda
+             for k in range(sweep_seeds) if not covered(lam, k, sweep_steps, sweep_steps)]
     partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("")  # this invocation's runs only
@@ -170,7 +171,7 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
         for k in sorted({r["seed"] for r in runs if (r["lambda"], r["image_batch"]) == (lam, batch)}):
             mine = [r for r in runs if (r["lambda"], r["image_batch"], r["seed"]) == (lam, batch, k)]
             exact = [r for r in mine if r["requested_steps"] == sweep_steps]
-            longer = [c for r in mine if r["requested_steps"] > sweep_steps for c in r["curve"] if c["step"] >= sweep_steps]
+            longer = [c for r in mine if r["requested_steps"] != sweep_steps for c in r["curve"] if c["step"] >= sweep_steps]
             rows += exact[:1] or longer[:1]
         if not rows:
             continue
@@ -217,10 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3000, help="hyper-diverse's Adam steps")
-    parser.add_argument("--sweep-steps", type=int, default=1500, help="steps of the lambdas other than 1e3")
-    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the lambdas other than 1e3")
+    parser.add_argument("--sweep-steps", type=int, default=1500, help="steps of the lambdas other than the target")
+    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the lambdas other than the target")
     parser.add_argument("--lambdas", type=float, nargs="+", default=DIVERSE_LAMBDAS,
-                        help="hyper-diverse's lambda sweep (1e3 always runs, over --seeds)")
+                        help="hyper-diverse's lambda sweep (--target-lambda always runs, over --seeds)")
     parser.add_argument("--target-lambda", type=float, default=1e3,
                         help="hyper-diverse: the lambda run over --seeds and --steps (the paper's: 1e3)")
     parser.add_argument("--image-batch", type=int, default=8,

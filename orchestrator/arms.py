@@ -228,12 +228,14 @@ def failure_reason(outcome: dict[str, Any], rows: list[dict], errors: int, statu
     """One line on why an arm x seed failed (finish_arm's `failed`)."""
     if "error" in outcome:
         return (outcome["error"].strip().splitlines() or ["Tune failed"])[0][:500]
+    if status.reason:  # (the coordinator died while ending the arm: the reason it had found)
+        return status.reason
     if errors > 0 and errors >= status.trials_started:
-        return (f"every trial failed ({status.trials_started} started; their error.txt files are in the arm's "
-                f"Tune folder)")
+        return (f"every trial failed ({status.trials_started} started; each trial run's error tag, or the "
+                f"error.txt in its Tune folder, says why)")
     if not rows:
-        return (f"no trial reported within the budget ({status.budget_s:g} s): a longer budget "
-                f"(resume --budget-s) or a first report sooner (fewer steps per epoch) lets one")
+        return (f"no trial reported within the budget ({status.budget_s:g} s): a longer budget or a "
+                f"first report sooner (a smaller epoch) lets one")
     return "the arm's Tune run failed"
 
 

@@ -148,13 +148,16 @@ LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmp
 def filesystem_of(path: Path, mounts: str | None = None) -> str | None:
     """The type of the filesystem that holds `path` (`mounts`: the text of Linux's /proc/mounts,
     read when None), None when unknown."""
+    import re
     try:
         mounts = [line.split()[1:3] for line in (mounts or Path("/proc/mounts").read_text()).splitlines()]
     except OSError:
         return None
-    path = path.resolve()
-    best = max((m for m in mounts if len(m) == 2 and (path == Path(m[0]) or Path(m[0]) in path.parents)),
-               key=lambda m: len(m[0]), default=None)
+    path, best = path.resolve(), None
+    for point, kind in (m for m in mounts if len(m) == 2):  # (the last of equal mount points is on top)
+        point = Path(re.sub(r"\\([0-7]{3})", lambda o: chr(int(o[1], 8)), point))  # (" " is written \040)
+        if (path == point or point in path.parents) and (best is None or len(point.parts) >= len(best[0].parts)):
+            best = (point, kind)
     return best[1] if best else None
 
 
@@ -167,10 +170,11 @@ def write_ahead(db: Path) -> bool:
     store's last commits (not the study directory's records). Not on network filesystems, and
     not where the filesystem is unknown. Returns whether the store is in WAL mode."""
     import sqlite3
+    from contextlib import closing
     if filesystem_of(db) not in LOCAL_FILESYSTEMS:
         return False
     try:
-        with sqlite3.connect(db, timeout=5) as conn:  # (busy: it stays in rollback-journal mode)
+        with closing(sqlite3.connect(db, timeout=5)) as conn:  # (busy: it stays in rollback-journal mode)
             return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
     except sqlite3.Error:
         return False
@@ -179,11 +183,14 @@ def write_ahead(db: Path) -> bool:
 def sqlite_connection(dbapi_connection, _record) -> None:
     """SQLAlchemy 'connect' hook: a sqlite connection of a store in WAL mode syncs at checkpoints,
     not at every commit."""
+    import sqlite3
     if type(dbapi_connection).__module__.startswith("sqlite3"):
         cursor = dbapi_connection.cursor()
         try:
             if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
                 cursor.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error:  # (a database locked by another process: left as it is)
+            pass
         finally:
             cursor.close()
 
@@ -200,7 +207,7 @@ def init_store(uri: str) -> None:
     import fcntl
 
     from mlflow.tracking import MlflowClient
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///"):].split("?")[0])  # (sqlite:///x.db?timeout=30: the file is x.db)
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -330,5 +330,7 @@ def test_a_failed_arm_says_why_in_one_line():
     status.trials_started = 2
     assert failure_reason({"errors": 0}, [], 0, status).startswith("no trial reported within the budget (150 s)")
     assert failure_reason({"errors": 2}, [], 2, status).startswith("every trial failed (2 started")
+    status.reason = "every trial failed (2 started; ...)"  # found before the coordinator died ending the arm
+    assert failure_reason({"errors": 2}, [], 2, status) == status.reason
     tune_error = {"errors": -1, "error": "TuneError: the experiment could not start\n  more lines"}
     assert failure_reason(tune_error, [], -1, status) == "TuneError: the experiment could not start"

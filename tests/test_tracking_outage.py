@@ -706,8 +706,10 @@ def test_a_sqlite_store_on_a_local_disk_writes_ahead_and_one_on_nfs_does_not(tmp
     from sqlalchemy import text
 
     from hypersweep.orchestrator import tracking
-    mounts = "/dev/vda / ext4 rw 0 0\nserver:/export /data nfs4 rw 0 0\ntmpfs /data/scratch tmpfs rw 0 0\n"
-    assert tracking.filesystem_of(Path("/data/study/mlflow.db"), mounts) == "nfs4"
+    mounts = ("/dev/vda / ext4 rw 0 0\n/dev/vdb /data ext4 rw 0 0\nserver:/export /data nfs4 rw 0 0\n"
+              "tmpfs /data/scratch tmpfs rw 0 0\nserver:/x /mnt/my\\040share cifs rw 0 0\n")
+    assert tracking.filesystem_of(Path("/data/study/mlflow.db"), mounts) == "nfs4"  # (mounted over the ext4)
+    assert tracking.filesystem_of(Path("/mnt/my share/mlflow.db"), mounts) == "cifs"
     assert tracking.filesystem_of(Path("/data/scratch/mlflow.db"), mounts) == "tmpfs"
     assert tracking.filesystem_of(Path("/home/me/mlflow.db"), mounts) == "ext4"
 
