@@ -713,18 +713,15 @@ def test_a_sqlite_store_on_a_local_disk_writes_ahead_and_one_on_nfs_does_not(tmp
     assert tracking.filesystem_of(Path("/data/scratch/mlflow.db"), mounts) == "tmpfs"
     assert tracking.filesystem_of(Path("/home/me/mlflow.db"), mounts) == "ext4"
 
-    local = tmp_path / "local" / "mlflow.db"
-    monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: "ext4")
-    t = Tracker(f"sqlite:///{local}", "wal")
-    t.flush(t.start_run("a"))
-    assert sqlite3.connect(local).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    with t.client._tracking_client.store.engine.connect() as conn:
-        assert conn.execute(text("PRAGMA synchronous")).fetchone()[0] == 1  # NORMAL
+    def modes(folder: str, filesystem: str) -> tuple[str, int]:
+        """(journal mode of the file, synchronous of the tracker's connections) of a new store."""
+        db = tmp_path / folder / "mlflow.db"
+        monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: filesystem)
+        t = Tracker(f"sqlite:///{db}", folder)
+        t.flush(t.start_run("a"))
+        with t.client._tracking_client.store.engine.connect() as conn:
+            synchronous = conn.execute(text("PRAGMA synchronous")).fetchone()[0]
+        return sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0], synchronous
 
-    shared = tmp_path / "nfs" / "mlflow.db"
-    monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: "nfs4")
-    t = Tracker(f"sqlite:///{shared}", "no-wal")
-    t.flush(t.start_run("a"))
-    assert sqlite3.connect(shared).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    with t.client._tracking_client.store.engine.connect() as conn:
-        assert conn.execute(text("PRAGMA synchronous")).fetchone()[0] == 2  # FULL, sqlite's default
+    assert modes("local", "ext4") == ("wal", 1)  # NORMAL
+    assert modes("nfs", "nfs4") == ("delete", 2)  # FULL, sqlite's default
