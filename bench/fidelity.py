@@ -136,13 +136,11 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
     import json
     runs = list(kept)
 
-    def covered(lam, k, exact, at=None):
-        """A run of lam, seed k with `exact` requested steps, or (`at`) one whose curve passed that step."""
-        return any((r["lambda"], r["seed"], r["image_batch"]) == (lam, k, image_batch) and (
-            r["requested_steps"] == exact or (at and any(c["step"] >= at for c in r["curve"]))) for r in runs)
-    jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds) if not covered(target_lambda, k, steps)]
+    jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds)
+            if not any((r["lambda"], r["seed"], r["image_batch"], r["requested_steps"]) == (target_lambda, k, image_batch, steps)
+                       for r in runs)]
     jobs += [(lam, k, sweep_steps, image_batch) for lam in dict.fromkeys(lambdas) if lam != target_lambda
-             for k in range(sweep_seeds) if not covered(lam, k, sweep_steps, sweep_steps)]
+             for k in range(sweep_seeds) if _at_step(runs, (lam, image_batch, k), sweep_steps) is None]
     partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("")  # this invocation's runs only
@@ -169,10 +167,8 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
     for lam, batch in groups:
         rows = []
         for k in sorted({r["seed"] for r in runs if (r["lambda"], r["image_batch"]) == (lam, batch)}):
-            mine = [r for r in runs if (r["lambda"], r["image_batch"], r["seed"]) == (lam, batch, k)]
-            exact = [r for r in mine if r["requested_steps"] == sweep_steps]
-            longer = [c for r in mine if r["requested_steps"] != sweep_steps for c in r["curve"] if c["step"] >= sweep_steps]
-            rows += exact[:1] or longer[:1]
+            row = _at_step(runs, (lam, batch, k), sweep_steps)
+            rows += [row] if row else []
         if not rows:
             continue
         paper = DIVERSE_PAPER.get("with entropy" if lam == 1e3 else "without entropy" if lam == 1e9 else "")
@@ -181,6 +177,14 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
                      f"{_spread(b)} | {_spread([q - p for p, q in zip(a, b)])} | "
                      f"{_spread([r['disagreement'] for r in rows])} | {len(rows)} |")
     return runs, "\n".join(lines) + "\n"
+
+
+def _at_step(runs: list[dict], key: tuple, step: int) -> dict | None:
+    """The test errors of (lambda, image batch, seed) `key` at `step`: its run of that many steps,
+    else the first evaluation at or past it of a longer run; None when no run got there."""
+    mine = [r for r in runs if (r["lambda"], r["image_batch"], r["seed"]) == key]
+    exact = [r for r in mine if r["requested_steps"] == step]
+    return next(iter(exact), None) or next((c for r in mine for c in r["curve"] if c["step"] >= step), None)
 
 
 def _lambda(lam: float) -> str:

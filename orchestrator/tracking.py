@@ -44,6 +44,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -148,7 +149,6 @@ LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmp
 def filesystem_of(path: Path, mounts: str | None = None) -> str | None:
     """The type of the filesystem that holds `path` (`mounts`: the text of Linux's /proc/mounts,
     read when None), None when unknown."""
-    import re
     try:
         mounts = [line.split()[1:3] for line in (mounts or Path("/proc/mounts").read_text()).splitlines()]
     except OSError:
@@ -170,11 +170,10 @@ def write_ahead(db: Path) -> bool:
     store's last commits (not the study directory's records). Not on network filesystems, and
     not where the filesystem is unknown. Returns whether the store is in WAL mode."""
     import sqlite3
-    from contextlib import closing
     if filesystem_of(db) not in LOCAL_FILESYSTEMS:
         return False
     try:
-        with closing(sqlite3.connect(db, timeout=5)) as conn:  # (busy: it stays in rollback-journal mode)
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:  # (busy: it stays in rollback-journal mode)
             return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
     except sqlite3.Error:
         return False
