@@ -110,7 +110,8 @@ def train_diverse(lambda_: float, seed: int, steps: int, image_batch: int = 8) -
                           "x1": 100 * test["error_single"], "x16": 100 * test["error"],
                           "disagreement": _disagreement(m)})
     test = m.evaluate("test")
-    return {"lambda": lambda_, "seed": seed, "steps": done, "image_batch": image_batch, "x1": 100 * test["error_single"],
+    return {"lambda": lambda_, "seed": seed, "steps": done, "image_batch": image_batch,
+            "x1": 100 * test["error_single"],
             "x16": 100 * test["error"], "disagreement": _disagreement(m), "entropy": m.last_entropy,
             "curve": curve, "train_s": time.perf_counter() - t}
 
@@ -136,9 +137,9 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
     import json
     runs = list(kept)
 
+    recorded = {(r["lambda"], r["seed"], r["image_batch"], r["requested_steps"]) for r in runs}
     jobs = [(target_lambda, k, steps, image_batch) for k in range(seeds)
-            if not any((r["lambda"], r["seed"], r["image_batch"], r["requested_steps"]) == (target_lambda, k, image_batch, steps)
-                       for r in runs)]
+            if (target_lambda, k, image_batch, steps) not in recorded]
     jobs += [(lam, k, sweep_steps, image_batch) for lam in dict.fromkeys(lambdas) if lam != target_lambda
              for k in range(sweep_seeds) if _at_step(runs, (lam, image_batch, k), sweep_steps) is None]
     partial = Path(__file__).parent / "results" / "fidelity-diverse-runs.jsonl"
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(single sample / ensemble of 10 by majority vote); its MNIST figures are histograms. Ours: the MLP "
             f"256-256 on {DATASET}, test error (%) of one sample (mean over 16) and of the 16-sample mean "
             f"prediction, mean +- std over seeds (split k for seed k); disagreement: the share of test images on "
-            f"which two of the 16 samples differ, averaged over pairs. {args.steps} steps (the lambda sweep: {args.sweep_steps}) "
+            f"which two of the 16 samples differ, averaged over pairs. {args.steps} steps (the lambda sweep: "
+            f"{args.sweep_steps}) "
             f"of 32 weight samples x the row's images per sample (the reference: 32), Adam lr 3e-4 decayed "
             f"x0.99998 per step, the reference hypernet; lambda {args.target_lambda:.0e} is this invocation's "
             f"target row. The claim to check: "
