@@ -23,7 +23,9 @@ import torch
 
 from bench.common import matmul_gflops, md_table, median_time, write
 
-METHODS = ("hyper-ml", "hyper-diverse", "hyper-posterior", "stn")
+METHODS = ("hyper-ml", "hyper-ml rank 1", "hyper-diverse", "hyper-posterior", "stn")
+# Rows of a method with options other than its defaults: name -> (method, hyperparameters)
+VARIANTS = {"hyper-ml rank 1": ("hyper-ml", {"output_rank": 1})}  # not the paper's layer: fidelity.md checks it
 TARGETS = {"mlp": {"kind": "mlp", "hidden": [400, 400]}, "cnn": {"kind": "cnn", "channels": [32, 16], "fc_hidden": 8}}
 SAMPLES = (1, 8, 32, 256)
 BATCH = 256
@@ -37,12 +39,13 @@ def _splits():
 
 def _method(name: str, target, splits, S: int):
     from hypersweep.methods import method_module
+    name, options = VARIANTS.get(name, (name, {}))
     hp = {"hyper-ml": {"batch_size": BATCH, "samples_per_step": S},
           "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2)},
           "hyper-posterior": {"batch_size": BATCH, "samples_per_step": S},
           "stn": {"batch_size": BATCH, "warmup_epochs": 0},
           "sgd": {"batch_size": BATCH}}[name]
-    return method_module(name).METHOD(target, splits, hp, seed=0)
+    return method_module(name).METHOD(target, splits, {**hp, **options}, seed=0)
 
 
 def _step_fn(name: str, m, x, y):
@@ -122,6 +125,50 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
     return out
 
 
+def measure_profile(name: str, target_key: str, S: int, steps: int = 3, top: int = 8) -> dict[str, Any]:
+    """Where one configuration's step spends its time: torch.profiler's operators by self CPU
+    time over `steps` steps, the `top` of them with their share and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hypersweep.methods.targets import build_target
+    torch.manual_seed(0)
+    splits = _splits()
+    opts = dict(TARGETS[target_key])
+    target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
+    m = _method(name, target, splits, S)
+    step = _step_fn(name, m, splits.x_train[:BATCH], splits.y_train[:BATCH])
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    return {"method": name, "target": target_key, "S": S,
+            "ops": [{"op": e.key, "self_share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps}
+                    for e in ops[:top]]}
+
+
+# The issue's goals (issue 15): (method, target, S) -> (figure, "<=" or ">=", value)
+GOALS = {("hyper-ml", "mlp", 256): ("fraction_of_matmul_bound", ">=", 0.70),
+         ("hyper-ml", "mlp", 1): ("cost_vs_sgd_step", "<=", 5.0),
+         ("hyper-ml rank 1", "mlp", 1): ("cost_vs_sgd_step", "<=", 5.0),
+         ("hyper-diverse", "mlp", 32): ("speedup_vs_loop", ">=", 5.0),
+         **{(m, "cnn", 32): ("speedup_vs_loop", ">=", 3.0) for m in ("hyper-ml", "hyper-diverse", "hyper-posterior")}}
+
+
+def missed_goals(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], tuple[str, str, float]]]:
+    out = []
+    for r in rows:
+        goal = GOALS.get((r["method"], r["target"], r["S"]))
+        if goal is None:
+            continue
+        value = r.get(goal[0])
+        if value is None or (value < goal[2] if goal[1] == ">=" else value > goal[2]):
+            out.append((r, goal))
+    return out
+
+
 def measure_sgd(target_key: str) -> dict[str, Any]:
     from hypersweep.methods.targets import build_target
     splits = _splits()
@@ -132,8 +179,8 @@ def measure_sgd(target_key: str) -> dict[str, Any]:
                                                                       splits.y_train[:BATCH]), repeats=10)}
 
 
-def _in_subprocess(args: list[str]) -> dict[str, Any]:
-    res = subprocess.run([sys.executable, "-m", "bench.hypernet_step", "--one", *args], capture_output=True, text=True)
+def _in_subprocess(args: list[str], mode: str = "--one") -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-m", "bench.hypernet_step", mode, *args], capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -144,9 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--render":
         rerender()
         return
-    if argv and argv[0] == "--one":
+    if argv and argv[0] in ("--one", "--profile"):
         name, target_key, S = argv[1], argv[2], int(argv[3])
-        result = measure_sgd(target_key) if name == "sgd" else measure_one(name, target_key, S)
+        if argv[0] == "--profile":
+            result = measure_profile(name, target_key, S)
+        else:
+            result = measure_sgd(target_key) if name == "sgd" else measure_one(name, target_key, S)
         print(json.dumps(result))
         return
     bound = matmul_gflops()
@@ -165,17 +215,18 @@ def main(argv: list[str] | None = None) -> None:
                 r["cost_vs_sgd_step"] = r["step_s"] / sgd["sgd_step_s"] if "sgd_step_s" in sgd else None
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    path = write("hypernet_step", {"matmul_gflops": bound, "batch": BATCH, "rows": rows}, render(rows, bound),
-                 "python -m bench.run hypernet_step")
+    profiles = [_in_subprocess([r["method"], r["target"], str(r["S"])], "--profile") for r, _ in missed_goals(rows)]
+    path = write("hypernet_step", {"matmul_gflops": bound, "batch": BATCH, "rows": rows, "profiles": profiles},
+                 render(rows, bound, profiles), "python -m bench.run hypernet_step")
     print(path.read_text())
 
 
 # torch's FlopCounterMode counts a grouped convolution (one group per weight sample) as if every
 # group saw all input channels: about S times too much. Those rows get no FLOP-based figures.
-GROUPED_CONV = {("hyper-ml", "cnn"), ("hyper-diverse", "cnn")}
+GROUPED_CONV = {("hyper-ml", "cnn"), ("hyper-ml rank 1", "cnn"), ("hyper-diverse", "cnn")}
 
 
-def render(rows: list[dict[str, Any]], bound: float) -> str:
+def render(rows: list[dict[str, Any]], bound: float, profiles: list[dict[str, Any]] = ()) -> str:
     table_rows = []
     for r in rows:
         grouped = (r["method"], r["target"]) in GROUPED_CONV
@@ -191,7 +242,32 @@ def render(rows: list[dict[str, Any]], bound: float) -> str:
     return (f"Matmul bound (torch.mm 2048x2048 float32): {bound:.1f} GFLOP/s. Batch {BATCH}. Targets: at least 50% of "
             "the bound for the MLP at S = 256; at least 5x faster than the loop at S = 32. FLOPs from torch's "
             "FlopCounterMode (matmuls and convolutions; cdist and elementwise work are not counted; grouped "
-            "convolutions are overcounted, so those rows show n/a).\n\n" + md_table(table_rows))
+            "convolutions are overcounted, so those rows show n/a).\n\n" + md_table(table_rows)
+            + _goals_text(rows, profiles))
+
+
+def _goals_text(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> str:
+    """The issue's goals, met or not, and for each missed one where its step's time goes."""
+    lines = ["", "## Goals (issue 15)", "", "| method | target | S | figure | goal | measured | met |",
+             "|---|---|---|---|---|---|---|"]
+    missed = {(r["method"], r["target"], r["S"]) for r, _ in missed_goals(rows)}
+    for r in rows:
+        key = (r["method"], r["target"], r["S"])
+        if key in GOALS:
+            figure, op, value = GOALS[key]
+            measured = r.get(figure)
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {figure} | {op} {value:g} | "
+                         f"{'-' if measured is None else f'{measured:.3g}'} | {'no' if key in missed else 'yes'} |")
+    if profiles:
+        lines += ["", "Where the time of the rows that miss their goal goes (torch.profiler, self CPU time of "
+                  "3 steps, the top operators with their share and calls per step):", ""]
+        for p in profiles:
+            if "ops" not in p:
+                continue
+            ops = ", ".join(f"`{o['op']}` {100 * o['self_share']:.0f} % ({o['calls_per_step']:g}/step)"
+                            for o in p["ops"])
+            lines.append(f"- {p['method']}, {p['target']}, S = {p['S']}: {ops}")
+    return "\n".join(lines) + "\n"
 
 
 def rerender() -> None:
@@ -201,7 +277,8 @@ def rerender() -> None:
     from bench.common import RESULTS
     data = _json.loads((RESULTS / "hypernet_step.json").read_text())
     header = "\n\n".join((RESULTS / "hypernet_step.md").read_text().split("\n\n")[:2])  # title, machine
-    (RESULTS / "hypernet_step.md").write_text(header + "\n\n" + render(data["rows"], data["matmul_gflops"]))
+    (RESULTS / "hypernet_step.md").write_text(header + "\n\n" + render(data["rows"], data["matmul_gflops"],
+                                                                       data.get("profiles", [])))
 
 
 if __name__ == "__main__":

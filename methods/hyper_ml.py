@@ -14,6 +14,9 @@ around that one draw: each weight's std across samples is about 0.07 x its layer
 0.069 measured on the digits and 784-400-400-10 MLPs), an eighth of an independent default
 init's std (0.58 x bound). The likelihood then concentrates the cloud (the paper's Figure 2,
 logged as `weight_std`; `dead_units` tells a collapse by dead hypernet units apart).
+
+`output_rank` r > 0 replaces the dense output layer by `LowRankOutput` (not the paper's layer:
+an option for speed, checked for accuracy in bench/results/hypernet_step.md).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch import nn
 from hypersweep.methods.generative import GenerativeMethod
 from hypersweep.methods.hparams import HParam
 from hypersweep.methods.losses import task_loss
-from hypersweep.methods.targets import MLP, TargetNet, sample_dropout
+from hypersweep.methods.targets import MLP, ParamSpec, TargetNet, sample_dropout
 from hypersweep.methods.tuned import inv_softplus
 
 
@@ -44,29 +47,94 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
         HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets, S = B: train without building the (S, P) weights"),
+        HParam("output_rank", 0, 0, 4096, kind=int,
+               doc="0: the paper's dense output layer; r > 0: rank-r blocks per code unit (LowRankOutput)"),
     ]
     return {hp.name: hp for hp in hps}
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> nn.Parameter:
+    return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+
+
+def _dense_apply(A_w: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_k h_k A_k z for a dense block A_w (out * in, K): W_s z = A_W (z (x) h_s) with A_W
+    viewed as (out, in * K), one GEMM on the outer products of inputs and codes.
+    h (S, K), z (S, n, in) -> (S, n, out)."""
+    S, K = h.shape
+    d_in = z.shape[-1]
+    outer = (z.unsqueeze(-1) * h[:, None, None, :]).reshape(S, z.shape[1], d_in * K)
+    return outer @ A_w.reshape(-1, d_in * K).T
+
+
+class LowRankOutput(nn.Module):
+    """The output layer A (P, K) with each weight matrix's block (rows x cols) of rank `rank`
+    per code unit k: A h = sum_k h_k U_k V_k^T = U diag(h (x) 1_r) V^T, U (rows, K r), V (cols,
+    K r); vectors (biases) keep dense (size, K) blocks. K r (rows + cols) parameters per matrix
+    instead of K rows cols (784-400-400-10, K = 50, r = 1: 0.16 M against 23.9 M), and W z is
+    (z V) scaled by the code, then U: no per-sample weights whatever S is. U and V are drawn
+    U(+-(3 / (K r))^(1/4)), so each generated weight's variance at init is the dense layer's
+    (sum_k h_k^2 / 3K)."""
+
+    def __init__(self, spec: ParamSpec, K: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.spec, self.rank = spec, rank
+        self.blocks = nn.ParameterList()  # per tensor in spec order: U, V (matrices) or A (vectors)
+        self.low_rank = tuple(len(shape) > 1 for shape in spec.shapes)
+        factor_bound = (3.0 / (K * rank)) ** 0.25
+        for shape, low_rank in zip(spec.shapes, self.low_rank):
+            if low_rank:
+                self.blocks.append(_uniform((shape[0], K * rank), factor_bound, generator))
+                self.blocks.append(_uniform((math.prod(shape[1:]), K * rank), factor_bound, generator))
+            else:
+                self.blocks.append(_uniform((shape[0], K), 1.0 / math.sqrt(K), generator))
+        self._first = [0]
+        for low_rank in self.low_rank[:-1]:
+            self._first.append(self._first[-1] + (2 if low_rank else 1))
+
+    def block(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Tensor i's parameters: (U, V) or (A,)."""
+        j = self._first[i]
+        return (self.blocks[j], self.blocks[j + 1]) if self.low_rank[i] else (self.blocks[j],)
+
+    def apply(self, i: int, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum_k h_k A_k z for matrix i: h (S, K), z (S, n, cols) -> (S, n, rows)."""
+        U, V = self.block(i)
+        return ((z @ V) * h.repeat_interleave(self.rank, 1).unsqueeze(1)) @ U.T
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """A h: (S, K) -> (S, P)."""
+        parts = []
+        for i in range(len(self.low_rank)):
+            if self.low_rank[i]:
+                U, V = self.block(i)
+                parts.append((U * h.repeat_interleave(self.rank, 1).unsqueeze(1)) @ V.T)  # (S, rows, cols)
+            else:
+                parts.append(h @ self.block(i)[0].T)
+        return torch.cat([p.reshape(len(h), -1) for p in parts], 1)
 
 
 class HyperNet(nn.Module):
     """eps (S, noise_dim) -> flat target weights (S, P)."""
 
     def __init__(self, target: TargetNet, noise_dim: int, hidden: list[int], dropout: float,
-                 noise_scale_init: float, generator: torch.Generator):
+                 noise_scale_init: float, generator: torch.Generator, output_rank: int = 0):
         super().__init__()
         dims = [noise_dim, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False)
+        self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False) if not output_rank else None
         self.base = nn.Parameter(target.init_weights(generator))
         self.register_buffer("bound", target.init_bounds())
         self.noise_scale = nn.Parameter(torch.tensor(inv_softplus(noise_scale_init)))
-        self.dropout, self.noise_dim = dropout, noise_dim
+        self.dropout, self.noise_dim, self.output_rank = dropout, noise_dim, output_rank
         with torch.no_grad():  # explicit-generator init, as for the target
-            for layer in [*self.hidden, self.out]:
+            for layer in [*self.hidden, *([self.out] if self.out is not None else [])]:
                 bound = 1.0 / math.sqrt(layer.in_features)
                 layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)
                 if layer.bias is not None:
                     layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
+        if output_rank:  # drawn after the hidden layers, so they match the dense hypernet's
+            self.out = LowRankOutput(target.spec, dims[-1], output_rank, generator)
 
     def code(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The last hidden layer h (S, K); the weights are base + bound * (A h)."""
@@ -83,19 +151,24 @@ class HyperNet(nn.Module):
         the (S, P) weights. Per layer W_s = B + bound * reshape(A h_s), so
         W_s x = B x + bound * A_W (x (x) h_s), with A_W viewed as (out, in * K): one GEMM on the
         outer products of inputs and codes (B x in x K numbers) replaces S x P generated weights
-        and S matrix-vector products (shared notes: performance-notes.md)."""
-        S, K = h.shape
+        and S matrix-vector products (shared notes: performance-notes.md). A `LowRankOutput`
+        applies its factors instead (B x (in + out) x K r)."""
+        S = h.shape[0]
         sizes = target.spec.sizes
         # One split (its backward is one concatenation; slicing would zero-fill a P x K
         # gradient per slice).
-        A, base, bounds = (torch.split(t, sizes) for t in (self.out.weight, self.base, self.bound))
+        base, bounds = (torch.split(t, sizes) for t in (self.base, self.bound))
+        dense = torch.split(self.out.weight, sizes) if not self.output_rank else None
         z = x.reshape(S, x.shape[1], -1)
         n_layers = len(target.dims) - 1
         for i, (d_in, d_out) in enumerate(zip(target.dims[:-1], target.dims[1:])):
-            A_w, w0, A_b, b0 = A[2 * i], base[2 * i], A[2 * i + 1], base[2 * i + 1]
+            w0, b0 = base[2 * i], base[2 * i + 1]
             bound = bounds[2 * i][0]  # one init bound per layer (weights and bias)
-            outer = (z.unsqueeze(-1) * h[:, None, None, :]).reshape(S, z.shape[1], d_in * K)
-            y = z @ w0.reshape(d_out, d_in).T + bound * (outer @ A_w.reshape(d_out, d_in * K).T)
+            if dense is not None:
+                A_wz, A_b = _dense_apply(dense[2 * i], h, z), dense[2 * i + 1]
+            else:
+                A_wz, A_b = self.out.apply(2 * i, h, z), self.out.block(2 * i + 1)[0]
+            y = z @ w0.reshape(d_out, d_in).T + bound * A_wz
             z = y + (b0 + bound * (h @ A_b.T)).unsqueeze(1)
             if i < n_layers - 1:
                 z = torch.relu(z)
@@ -107,7 +180,7 @@ class HyperML(GenerativeMethod):
 
     def build(self, target: TargetNet, generator: torch.Generator) -> list[torch.Tensor]:
         self.hypernet = HyperNet(target, self.hp["noise_dim"], list(self.hp["hyper_hidden"]), self.hp["hyper_dropout"],
-                                 self.hp["noise_scale_init"], generator).to(self.device)
+                                 self.hp["noise_scale_init"], generator, self.hp["output_rank"]).to(self.device)
         self.input_noise = torch.tensor(inv_softplus(self.hp["input_noise_init"]), device=self.device,
                                         requires_grad=True)
         return [*self.hypernet.parameters(), self.input_noise]
@@ -127,8 +200,9 @@ class HyperML(GenerativeMethod):
         x = x + F.softplus(self.input_noise) * torch.randn(x.shape, generator=self.noise_gen, device=self.device)
         x = x.reshape(S, B // S, *x.shape[1:])
         # The factorised path costs B x in x out x K per layer whatever S is; building the weights
-        # costs S x in x out x K (+ B x in x out to apply them): it pays only at one sample per example.
-        if isinstance(self.target, MLP) and self.hp["factorised"] and S == B:
+        # costs S x in x out x K (+ B x in x out to apply them): it pays only at one sample per
+        # example. With low-rank blocks it costs B x (in + out) x K r: always the cheaper.
+        if isinstance(self.target, MLP) and self.hp["factorised"] and (S == B or self.hp["output_rank"]):
             self.hypernet.train(True)
             eps = torch.randn(S, self.hp["noise_dim"], generator=self.noise_gen, device=self.device)
             out = self.hypernet.forward_mlp(self.target, self.hypernet.code(eps, self.noise_gen), x)

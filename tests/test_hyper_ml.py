@@ -104,3 +104,55 @@ def test_fused_adam_takes_the_same_steps_as_the_default_loop():
         assert fused.train_epoch() == pytest.approx(plain.train_epoch(), rel=1e-4)
     for a, b in zip(fused.hypernet.parameters(), plain.hypernet.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [0, 4])
+def test_low_rank_output_factorised_path_equals_built_weights(samples):
+    """`output_rank` > 0: the factors applied to the inputs (any S) give the loss and gradients
+    of the (S, P) weights they generate."""
+    grads = {}
+    for factorised in (0, 1):
+        m = _method(hidden=(16, 12), batch_size=8, samples_per_step=samples, factorised=factorised, output_rank=2)
+        x, y = m.data["train"][0][:8], m.data["train"][1][:8]
+        loss = m.train_batch(x, y)
+        loss.backward()
+        grads[factorised] = (float(loss), [p.grad.clone() for p in m.hypernet.parameters()])
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_low_rank_output_is_small_and_starts_with_the_dense_layers_spread():
+    """Rank-r blocks per code unit: K r (rows + cols) parameters per matrix; the generated
+    weights vary across samples as much as with the paper's dense layer."""
+    splits = data.load("digits", seed=0)
+    net = build_target("mlp", (784,), 10, hidden=(400, 400))
+    dense_count = HyperML(net, splits, {"hyper_hidden": [100, 50]}, seed=0).hypernet.out.weight.numel()
+    low = HyperML(net, splits, {"hyper_hidden": [100, 50], "output_rank": 1}, seed=0).hypernet.out
+    assert dense_count == 478_410 * 50
+    assert sum(p.numel() for p in low.parameters()) == 50 * ((400 + 784) + (400 + 400) + (10 + 400) + 400 + 400 + 10)
+    ratios = []
+    for rank in (0, 1, 4):
+        m = _method(hyper_hidden=[100, 50], output_rank=rank)
+        w = m.sample_weights(512, torch.Generator().manual_seed(0)).detach()
+        ratios.append(float((w.std(0) / m.target.init_bounds()).mean()))
+    assert 0.04 < ratios[0] < 0.1
+    assert ratios[1] == pytest.approx(ratios[0], rel=0.15) and ratios[2] == pytest.approx(ratios[0], rel=0.15)
+
+
+def test_low_rank_output_builds_cnn_weights():
+    """Other targets build their weights from the factors (a conv kernel's block is out x in k k)."""
+    splits = data.load("digits", seed=0)
+    net = build_target("cnn", splits.input_shape, splits.n_outputs)
+    m = HyperML(net, splits, {"hyper_hidden": [16, 8], "output_rank": 2, "batch_size": 16}, seed=0)
+    w = m.sample_weights(3, torch.Generator().manual_seed(0))
+    assert w.shape == (3, net.spec.flat_size) and float(w.std(0).min()) > 0
+    before = float(m.evaluate("val")["loss"])
+    for _ in range(2):
+        m.train_epoch()
+    assert float(m.evaluate("val")["loss"]) < before
+    restored = HyperML(net, splits, {"hyper_hidden": [16, 8], "output_rank": 2, "batch_size": 16}, seed=1)
+    restored.load_extra_state(m.extra_state())  # a checkpoint carries the factors
+    eps = torch.randn(2, m.hp["noise_dim"])
+    m.hypernet.eval(), restored.hypernet.eval()
+    torch.testing.assert_close(restored.hypernet(eps), m.hypernet(eps))
