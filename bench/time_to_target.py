@@ -4,6 +4,9 @@ ratio to the budget, per seed. The STN paper reports beating BayesOpt's best in 
 quarter of its time on CIFAR-10.
 
     python -m bench.run time_to_target [STUDY_DIR]   (without one, runs configs/stn-vs-bo-digits.yaml)
+
+Results go to results/time_to_target.md for stn-vs-bo-digits, time_to_target-<study name>.md
+for another study (the mnist-5k CNN study's: time_to_target-stn-vs-bo-mnist5k-cnn.md).
 """
 from __future__ import annotations
 
@@ -37,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     finals = curves.groupby(["arm", "seed_index"]).best_val_loss.last()
     searches = df.groupby("arm").search.first()
     black_box = [a for a in searches.index if searches[a] in BLACK_BOX]
-    seeds = [int(s) for s in sorted(df.seed_index.unique())]
+    # Seeds where a black-box arm has reported (a study still running has the others to come).
+    seeds = [int(s) for s in sorted(df.seed_index.unique()) if any((a, s) in finals.index for a in black_box)]
+    if not seeds:
+        sys.exit(f"time_to_target: no black-box arm ({', '.join(BLACK_BOX)}) has reported in {study_dir}")
     # Per seed, the target is the best black-box arm's final best val loss at that seed (arms are paired by seed).
     targets = {s: float(min(finals.loc[(a, s)] for a in black_box if (a, s) in finals.index)) for s in seeds}
     rows = []
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             f"seed: the best black-box arm's final best val_loss at that seed ("
             + ", ".join(f"seed {s}: {t:.4f}" for s, t in targets.items()) + "). Ratio = time to reach it / budget; "
             "the black-box arm that set the target reaches it by definition.\n\n" + md_table(rows))
-    path = write("time_to_target", {"study_dir": str(study_dir), "targets": targets,
+    name = "time_to_target" if study["name"] == "stn-vs-bo-digits" else f"time_to_target-{study['name']}"
+    path = write(name, {"study_dir": str(study_dir), "targets": targets,
                                      "budget_s": budget, "rows": rows}, text,
                  f"python -m bench.run time_to_target {study_dir if argv else ''}".strip())
     print(path.read_text())
