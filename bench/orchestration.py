@@ -55,11 +55,31 @@ def _hypersweep(study, folder: Path) -> dict:
 
     from hypersweep.orchestrator.runner import run_study
     from hypersweep.orchestrator.studydir import StudyDir
-    statuses = run_study(study, StudyDir(folder / "study"), tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
+    study_dir = StudyDir(folder / "study")
+    statuses = run_study(study, study_dir, tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", live=False)
     df = pd.read_parquet(folder / "study" / "results.parquet")
     wall = sum(s.wall_time_used_s for s in statuses)
     return {"runner": "hypersweep", "wall_s": wall, "inside_steps_s": float(df.step_time_s.sum()),
-            "trials": int(df.groupby(["arm", "trial_id"]).ngroups)}
+            "trials": int(df.groupby(["arm", "trial_id"]).ngroups),
+            "slot_seconds": slot_seconds(df, study_dir.arms(), WORKERS)}
+
+
+def slot_seconds(df, arms: dict, slots: int) -> dict[str, float]:
+    """Where the arms' slot-seconds (wall x slots) went, from arms.json's timelines and the
+    trials' reports: inside steps (training and evaluation), inside trials between their steps
+    (Tune's report round trip, checkpoints), before the first trial started (Tune's and Ray's
+    set-up), after the last one ended, and the rest (trial start and end, slots left idle)."""
+    total = sum(a["wall_time_used_s"] for a in arms.values()) * slots
+    before = sum((a.get("timeline") or {}).get("first_trial_start_s") or 0.0 for a in arms.values()) * slots
+    after = sum(((a.get("timeline") or {}).get("tune_returned_s") or 0.0)
+                - ((a.get("timeline") or {}).get("last_trial_end_s") or 0.0) for a in arms.values()) * slots
+    trials = df.groupby(["arm", "seed_index", "trial_id"])
+    inside = float(df.step_time_s.sum())
+    between_steps = float((trials.wall_time_s.max() - trials.step_time_s.sum()).sum())
+    parts = {"inside steps": inside, "in trials, between steps": between_steps, "before the first trial": before,
+             "after the last trial": after}
+    parts["rest: trial start/end, idle slots"] = total - sum(parts.values())
+    return {"total": total, **parts}
 
 
 def _plain_tune(study, folder: Path) -> dict:
@@ -117,7 +137,12 @@ def main() -> None:
     text = (f"Two random-search arms x 1 seed, {WORKERS} worker slots, sgd on digits (MLP 128-128), reports every "
             f"~{STEP_S:g} s. Share = time inside training steps / (wall time x slots). Targets: >= 90% for 30 s "
             "trials; hypersweep's overhead (1 - share) within 5 points of plain Tune's.\n\n"
-            + md_table([{k: r.get(k, "") for k in cols} for r in rows]))
+            + md_table([{k: r.get(k, "") for k in cols} for r in rows])
+            + "\nWhere hypersweep's slot-seconds went (wall x slots, both arms; from arms.json's timelines and the "
+            "trials' reports):\n\n"
+            + md_table([{"setting": r["setting"], **{k: f"{v:.1f} ({100 * v / r['slot_seconds']['total']:.1f} %)"
+                                                    for k, v in r["slot_seconds"].items()}}
+                        for r in rows if "slot_seconds" in r]))
     path = write("orchestration", {"rows": rows, "epoch_s": epoch_s}, text, "python -m bench.run orchestration")
     print(path.read_text())
 
