@@ -16,7 +16,7 @@ init's std (0.58 x bound). The likelihood then concentrates the cloud (the paper
 logged as `weight_std`; `dead_units` tells a collapse by dead hypernet units apart).
 
 `output_rank` r > 0 replaces the dense output layer by `LowRankOutput` (not the paper's layer:
-an option for speed, checked for accuracy in bench/results/hypernet_step.md).
+an option for speed; its accuracy beside the dense layer's: bench/results/fidelity.md).
 """
 from __future__ import annotations
 
@@ -122,19 +122,21 @@ class HyperNet(nn.Module):
         super().__init__()
         dims = [noise_dim, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False) if not output_rank else None
         self.base = nn.Parameter(target.init_weights(generator))
         self.register_buffer("bound", target.init_bounds())
         self.noise_scale = nn.Parameter(torch.tensor(inv_softplus(noise_scale_init)))
         self.dropout, self.noise_dim, self.output_rank = dropout, noise_dim, output_rank
         with torch.no_grad():  # explicit-generator init, as for the target
-            for layer in [*self.hidden, *([self.out] if self.out is not None else [])]:
+            for layer in self.hidden:
                 bound = 1.0 / math.sqrt(layer.in_features)
                 layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)
-                if layer.bias is not None:
-                    layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
-        if output_rank:  # drawn after the hidden layers, so they match the dense hypernet's
+                layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
+        if output_rank:
             self.out = LowRankOutput(target.spec, dims[-1], output_rank, generator)
+        else:  # the paper's layer: A (P, K), U(+-1/sqrt(K))
+            self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False)
+            with torch.no_grad():
+                self.out.weight.copy_(_uniform(self.out.weight.shape, 1.0 / math.sqrt(dims[-1]), generator))
 
     def code(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The last hidden layer h (S, K); the weights are base + bound * (A h)."""
