@@ -122,7 +122,23 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
            "gflop": flops / 1e9, "step_peak_mb": max(0, peak - rss_before) / 2 ** 20}
     if name != "stn" and S <= LOOP_MAX_S:
         out["loop_s"] = median_time(_loop_fn(name, m, x, y, S), repeats=3)
+    if name == "hyper-diverse":
+        out["entropy_s"] = median_time(_entropy_fn(m, S), repeats=3)
     return out
+
+
+def _entropy_fn(m, S: int):
+    """hyper-diverse's entropy term alone, forward and backward: gauge fixing and the
+    Kozachenko-Leonenko estimate on S sampled weight vectors (a leaf). Both the step and the
+    loop compute it once per step, so it bounds the step's speed-up over the loop."""
+    from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
+    w = m.sample_weights(max(S, 2), m.noise_gen, training=True).detach().requires_grad_()
+
+    def entropy():
+        w.grad = None
+        h = kozachenko_leonenko(gauge_fix(m.target, w), p=1, dim=m.hp["latent_dim"], constants=False)
+        h.backward()
+    return entropy
 
 
 def measure_profile(name: str, target_key: str, S: int, steps: int = 3, top: int = 8) -> dict[str, Any]:
@@ -155,6 +171,24 @@ GOALS = {("hyper-ml", "mlp", 256): ("fraction_of_matmul_bound", ">=", 0.70),
          ("hyper-ml rank 1", "mlp", 1): ("cost_vs_sgd_step", "<=", 5.0),
          ("hyper-diverse", "mlp", 32): ("speedup_vs_loop", ">=", 5.0),
          **{(m, "cnn", 32): ("speedup_vs_loop", ">=", 3.0) for m in ("hyper-ml", "hyper-diverse", "hyper-posterior")}}
+
+
+# What a missed goal's profile has shown, and the next fix (read from the runs' profiles by hand;
+# the generated shares beside it say whether a new run still shows it).
+NEXT_FIX = {
+    ("hyper-ml", "mlp", 1): "the paper's dense output layer: A h and its gradient g h^T (`mm`) and Adam and "
+    "zero_grad over its 24 M parameters; the layer's own floor. `output_rank` 1 meets the goal (its row); for the "
+    "dense layer, nothing short of a different layer.",
+    ("hyper-ml", "mlp", 256): "the contraction GEMMs (`mm`) and building the (B, in x K) outer products (`mul`, "
+    "`cat`). Next: contract on the output side where out < in (784 -> 400, 400 -> 10), which needs A stored "
+    "in-major, a layout change of the layer; `output_rank` makes the step ~38x cheaper instead.",
+    ("hyper-diverse", "mlp", 32): "the entropy term, which the loop pays too: the L1 neighbour search over 32 "
+    "gauge-fixed samples of 478 k weights (`sub`, `abs`, `sum`) and gauge fixing (`mul`, `div`, `cat`, `copy_`). "
+    "Next: the neighbour search in cache-sized blocks of the weight axis, gauge fixing without the concatenation.",
+    **{(m, "cnn", 32): "the target's own convolutions and pooling (`convolution_backward`, `mkldnn_convolution`, "
+       "`max_pool2d`); the step is within reach of its ceiling, which is below 3: no hypernet-side fix reaches the "
+       "goal on this CPU." for m in ("hyper-ml", "hyper-diverse", "hyper-posterior")},
+}
 
 
 def missed_goals(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], tuple[str, str, float]]]:
@@ -249,7 +283,9 @@ def render(rows: list[dict[str, Any]], bound: float, profiles: list[dict[str, An
 def _goals_text(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> str:
     """The issue's goals, met or not, and for each missed one where its step's time goes."""
     lines = ["", "## Goals (issue 15)", "", "Ceiling: for a speed-up over the loop, the loop's time over one sgd step "
-             "on the same batch (the speed-up of a hypernet step that cost no more than the plain net's step).", "",
+             "on the same batch, plus for hyper-diverse its entropy term alone (`entropy_s`: gauge fixing and the "
+             "estimator, forward and backward, which the loop computes too): the speed-up of a hypernet step that "
+             "cost nothing beyond them.", "",
              "| method | target | S | figure | goal | measured | ceiling | met |", "|---|---|---|---|---|---|---|---|"]
     missed = {(r["method"], r["target"], r["S"]) for r, _ in missed_goals(rows)}
     for r in rows:
@@ -259,7 +295,8 @@ def _goals_text(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> s
             measured = r.get(figure)
             ceiling = None
             if figure == "speedup_vs_loop" and r.get("speedup_vs_loop") and r.get("cost_vs_sgd_step"):
-                ceiling = r["speedup_vs_loop"] * r["cost_vs_sgd_step"]  # loop_s / sgd_step_s
+                sgd_s = r["step_s"] / r["cost_vs_sgd_step"]
+                ceiling = r["loop_s"] / (sgd_s + r.get("entropy_s", 0.0))
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {figure} | {op} {value:g} | "
                          f"{'-' if measured is None else f'{measured:.3g}'} | "
                          f"{'-' if ceiling is None else f'{ceiling:.3g}'} | {'no' if key in missed else 'yes'} |")
@@ -271,7 +308,8 @@ def _goals_text(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> s
                 continue
             ops = ", ".join(f"`{o['op']}` {100 * o['self_share']:.0f} % ({o['calls_per_step']:g}/step)"
                             for o in p["ops"])
-            lines.append(f"- {p['method']}, {p['target']}, S = {p['S']}: {ops}")
+            fix = NEXT_FIX.get((p["method"], p["target"], p["S"]))
+            lines.append(f"- {p['method']}, {p['target']}, S = {p['S']}: {ops}" + (f". Reading: {fix}" if fix else ""))
     return "\n".join(lines) + "\n"
 
 
