@@ -37,6 +37,7 @@ Tables so far:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import time
@@ -146,7 +147,6 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
     every 250 steps). Each finished run is appended to results/fidelity-diverse-runs.jsonl at once,
     so a run cut short keeps what ended. `kept`: runs of an earlier invocation (with their commit):
     they are shown, and this one does not repeat them."""
-    import json
     runs = list(kept)
 
     recorded = {(r["lambda"], r["seed"], r["image_batch"], r["requested_steps"]) for r in runs}
@@ -229,16 +229,23 @@ def hyper_ml_table(seeds: int, epochs: int, last: int, ranks: list[int], workers
     variants = ["sgd", "dense", *(f"rank {r}" for r in ranks)]
     jobs = [(v, k, epochs, last) for v in variants for k in range(seeds)]
     jobs.sort(key=lambda job: job[0] != "dense")  # the long ones first
+    partial = Path(__file__).parent / "results" / "fidelity-ml-runs.jsonl"  # each run as it ends
+    partial.write_text("")
+    runs = []
     with ProcessPoolExecutor(workers) as pool:
-        runs = list(pool.map(train_hyper_ml, *zip(*jobs)))
+        for future in as_completed([pool.submit(train_hyper_ml, *job) for job in jobs]):
+            runs.append(future.result())
+            with partial.open("a") as f:
+                f.write(json.dumps(runs[-1]) + "\n")
+    runs.sort(key=lambda r: (variants.index(r["variant"]), r["seed"]))
     dense = {r["seed"]: r for r in runs if r["variant"] == "dense"}
     lines = ["| variant | paper error (%) | ours error (%) | minus dense (points) | s per epoch | seeds |",
              "|---|---|---|---|---|---|"]
     for v in variants:
         mine = [r for r in runs if r["variant"] == v]
         diff = [r["error"] - dense[r["seed"]]["error"] for r in mine] if v != "dense" else []
-        label = {"sgd": "sgd, learned input noise", "dense": "hyper-ml, dense output layer (the paper's)"}.get(
-            v, f"hyper-ml, output_rank {v.split()[1]}")
+        label = ("sgd, learned input noise" if v == "sgd" else "hyper-ml, dense output layer (the paper's)"
+                 if v == "dense" else f"hyper-ml, output_rank {v.split()[1]}")
         lines.append(f"| {label} | {ML_PAPER.get(v, '-')} | {_spread([r['error'] for r in mine])} | "
                      f"{_spread(diff)} | {_spread([r['s_per_epoch'] for r in mine])} | {len(mine)} |")
     return runs, "\n".join(lines) + "\n"
@@ -413,7 +420,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _previous() -> dict:
-    import json
     path = Path(__file__).parent / "results" / "fidelity.json"
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
