@@ -65,20 +65,25 @@ def _hypersweep(study, folder: Path) -> dict:
 
 
 def slot_seconds(df, arms: dict, slots: int) -> dict[str, float]:
-    """Where the arms' slot-seconds (wall x slots) went, from arms.json's timelines and the
-    trials' reports: inside steps (training and evaluation), inside trials between their steps
-    (Tune's report round trip, checkpoints), before the first trial started (Tune's and Ray's
-    set-up), after the last one ended, and the rest (trial start and end, slots left idle)."""
+    """Where the arms' slot-seconds (wall x slots) went, from the trials' reports (each carries
+    the arm's clock at its arrival, `arm_time_s`, and the trial's own since its set-up,
+    `wall_time_s`): inside steps (training and evaluation), in trials between their steps (Tune's
+    report round trip, checkpoints), before the arm's first trial had set up (Tune's and Ray's
+    start, the actor's start, the trial's set-up), after the arm's last report, and the rest
+    (between one trial's last report and the next one's set-up on a slot, idle slots). Tune's
+    own callbacks would date trial starts by when the busy driver got to them, not when they
+    happened."""
     total = sum(a["wall_time_used_s"] for a in arms.values()) * slots
-    before = sum((a.get("timeline") or {}).get("first_trial_start_s") or 0.0 for a in arms.values()) * slots
-    after = sum(((a.get("timeline") or {}).get("tune_returned_s") or 0.0)
-                - ((a.get("timeline") or {}).get("last_trial_end_s") or 0.0) for a in arms.values()) * slots
-    trials = df.groupby(["arm", "seed_index", "trial_id"])
-    inside = float(df.step_time_s.sum())
-    between_steps = float((trials.wall_time_s.max() - trials.step_time_s.sum()).sum())
-    parts = {"inside steps": inside, "in trials, between steps": between_steps, "before the first trial": before,
-             "after the last trial": after}
-    parts["rest: trial start/end, idle slots"] = total - sum(parts.values())
+    trials = df.sort_values("step").groupby(["arm", "seed_index", "trial_id"])
+    first, last = trials.first(), trials.last()
+    started = (first.arm_time_s - first.wall_time_s).groupby(level=["arm", "seed_index"]).min()
+    used = {(a["arm"], a["seed_index"]): a["wall_time_used_s"] for a in arms.values()}
+    ended = last.arm_time_s.groupby(level=["arm", "seed_index"]).max()
+    parts = {"inside steps": float(df.step_time_s.sum()),
+             "in trials, between steps": float((last.wall_time_s - trials.step_time_s.sum()).sum()),
+             "before the first trial": float(started.clip(lower=0).sum()) * slots,
+             "after the last report": sum(used[k] - float(t) for k, t in ended.items() if k in used) * slots}
+    parts["rest: between trials, idle slots"] = total - sum(parts.values())
     return {"total": total, **parts}
 
 
