@@ -131,3 +131,32 @@ def test_a_trainable_made_in_a_ray_driver_reports_where_it_ran(ray_session):
     result = trainable_class("sgd")(config=_config("sgd")).train()
     assert result["device"] == "cpu" and result["node_id"] == ray_session.get_runtime_context().get_node_id()
     assert result["torch_threads"] == 1 == torch.get_num_threads()
+
+
+def test_a_trial_whose_recorded_checkpoint_was_deleted_restores_from_its_newest(tmp_path):
+    """Tune's experiment snapshot (every 2 s) can name a checkpoint that `num_to_keep` deleted
+    before the next snapshot, when the coordinator is killed between the two (a clean-clone CI
+    run): the trial restores from the newest checkpoint beside it, at that checkpoint's step,
+    instead of failing every retry. With none left, Tune's own error stands."""
+    import shutil
+    cls = trainable_class("sgd")
+    config = _config("sgd")
+    a = cls(config=config)
+    a.train()
+    recorded = a.save(str(tmp_path / "trial" / "checkpoint_000001"))
+    a.train()
+    a.train()
+    a.save(str(tmp_path / "trial" / "checkpoint_000002"))
+    r4 = a.train()
+    shutil.rmtree(tmp_path / "trial" / "checkpoint_000001")
+    b = cls(config=config)
+    b.restore(recorded)  # names the deleted one, with its metrics (step 1)
+    r4_restored = b.train()
+    assert r4_restored["training_iteration"] == 4 and r4_restored["restores"] == 1
+    assert _metrics(r4_restored) == _metrics(r4)  # from step 3's state, to the bit
+    shutil.rmtree(tmp_path / "trial" / "checkpoint_000002")
+    c = cls(config=config)
+    with pytest.raises(ValueError, match="does not exist on storage"):
+        c.restore(recorded)
+    for t in (a, b, c):
+        t.stop()

@@ -25,6 +25,7 @@ The config a trial receives (built by the coordinator, see orchestrator/planning
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import time
@@ -40,6 +41,7 @@ from hypersweep.methods.seeding import Stream, child_seed
 from hypersweep.methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
+log = logging.getLogger("hypersweep")
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,6 +137,27 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint that cannot be loaded into the trial's method as it is configured now."""
 
 
+def newest_checkpoint_beside(checkpoint: tune.Checkpoint) -> tune.Checkpoint | None:
+    """None when `checkpoint` exists; else the newest `checkpoint_<n>` folder beside it (the same
+    trial's) that holds a hypersweep state, or None when there is none either."""
+    import pyarrow.fs
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        return None
+    parent = path.rsplit("/", 1)[0]
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    except (OSError, FileNotFoundError):
+        return None
+    names = sorted(info.base_name for info in found if info.type == pyarrow.fs.FileType.Directory
+                   and info.base_name.startswith("checkpoint_") and info.base_name[11:].isdigit())
+    for name in reversed(names):
+        if fs.get_file_info(f"{parent}/{name}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
+            return tune.Checkpoint(f"{parent}/{name}", filesystem=fs)
+    return None
+
+
 class MethodTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any]) -> None:
         self._t0 = time.monotonic()
@@ -209,7 +232,8 @@ class MethodTrainable(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         state = dict(self.method.state_dict(), elapsed=self._elapsed_before + time.monotonic() - self._t0,
-                     restores=self._restores, cpu=self._cpu_time(), hp=dict(getattr(self.method, "hp", {})))
+                     restores=self._restores, cpu=self._cpu_time(), hp=dict(getattr(self.method, "hp", {})),
+                     iteration=self.iteration)
         torch.save(state, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
@@ -219,6 +243,24 @@ class MethodTrainable(tune.Trainable):
         self._elapsed_before, self._t0 = float(state["elapsed"]), time.monotonic()
         self._restores = int(state.get("restores", 0)) + 1
         self._cpu_before, self._cpu0 = float(state.get("cpu", 0.0)), time.process_time()
+        if "iteration" in state:  # the step count this state was saved at (see `restore`)
+            self._iteration = int(state["iteration"])
+
+    def restore(self, checkpoint_path) -> None:
+        """Tune's restore; when the checkpoint Tune recorded is gone from storage, from the newest
+        one the trial has. Tune snapshots its experiment every 2 s and deletes checkpoints beyond
+        `num_to_keep` as new ones register, so a coordinator killed between the two leaves a
+        snapshot naming a deleted checkpoint: Tune failed the trial on every retry (its progress
+        lost; a clean-clone CI run saw it). Our checkpoints carry their step count."""
+        checkpoint = getattr(checkpoint_path, "checkpoint", checkpoint_path)
+        if isinstance(checkpoint, tune.Checkpoint):
+            newest = newest_checkpoint_beside(checkpoint)
+            if newest is not None:
+                log.warning(
+                    "%s is gone from storage; restoring the trial from %s", checkpoint.path, newest.path)
+                checkpoint_path = (type(checkpoint_path)(checkpoint=newest, metrics=checkpoint_path.metrics)
+                                   if hasattr(checkpoint_path, "metrics") else newest)
+        super().restore(checkpoint_path)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self.setup(new_config)
