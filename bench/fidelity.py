@@ -274,7 +274,7 @@ def stn_table(study_dir: Path) -> tuple[dict, str]:
         if arm not in finals.index.get_level_values(0):
             continue
         f = finals.loc[arm]
-        used = [a for a in arms.values() if a["arm"] == arm]
+        used = [a for a in arms.values() if a["arm"] == arm and a["seed_index"] in f.index]  # seeds with reports
         loss, error = list(f.best_val_loss), [100 * e for e in f.test_error]
         record["arms"][arm] = {"best_val_loss": loss, "test_error": error, "cpu_s": [a.get("cpu_s") for a in used],
                                "wall_s": [a["wall_time_used_s"] for a in used], "status": [a["status"] for a in used]}
