@@ -72,7 +72,6 @@ def _loop_fn(name: str, m, x, y, S: int):
     of the batch through functional_call; one backward over the summed loss."""
     from torch.func import functional_call
 
-    from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
     from hypersweep.methods.losses import task_loss
     module = m.target.module().train()
     B = len(x)
@@ -89,9 +88,7 @@ def _loop_fn(name: str, m, x, y, S: int):
             losses.append(task_loss(out, y[s * per:(s + 1) * per], m.splits.task, m.log_noise_std))
         loss = torch.stack(losses).mean()
         if name == "hyper-diverse":
-            w = torch.cat(ws)
-            loss = m.hp["lambda_"] * loss - kozachenko_leonenko(gauge_fix(m.target, w), p=1, dim=m.hp["latent_dim"],
-                                                                 constants=False)
+            loss = m.hp["lambda_"] * loss - m.entropy(torch.cat(ws))
         m.optim.zero_grad(set_to_none=True)
         loss.backward()
         m.optim.step()
@@ -103,13 +100,7 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
     import psutil
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hypersweep.methods.targets import build_target
-    torch.manual_seed(0)
-    splits = _splits()
-    opts = dict(TARGETS[target_key])
-    target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
-    m = _method(name, target, splits, S)
-    x, y = splits.x_train[:BATCH], splits.y_train[:BATCH]
+    m, x, y = _configured(name, target_key, S)
     step = _step_fn(name, m, x, y)
     rss_before = psutil.Process().memory_info().rss
     step()
@@ -131,13 +122,11 @@ def _entropy_fn(m, S: int):
     """hyper-diverse's entropy term alone, forward and backward: gauge fixing and the
     Kozachenko-Leonenko estimate on S sampled weight vectors (a leaf). Both the step and the
     loop compute it once per step, so it bounds the step's speed-up over the loop."""
-    from hypersweep.methods.diversity import gauge_fix, kozachenko_leonenko
     w = m.sample_weights(max(S, 2), m.noise_gen, training=True).detach().requires_grad_()
 
     def entropy():
         w.grad = None
-        h = kozachenko_leonenko(gauge_fix(m.target, w), p=1, dim=m.hp["latent_dim"], constants=False)
-        h.backward()
+        m.entropy(w).backward()
     return entropy
 
 
@@ -146,13 +135,7 @@ def measure_profile(name: str, target_key: str, S: int, steps: int = 3, top: int
     time over `steps` steps, the `top` of them with their share and calls per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from hypersweep.methods.targets import build_target
-    torch.manual_seed(0)
-    splits = _splits()
-    opts = dict(TARGETS[target_key])
-    target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
-    m = _method(name, target, splits, S)
-    step = _step_fn(name, m, splits.x_train[:BATCH], splits.y_train[:BATCH])
+    step = _step_fn(name, *_configured(name, target_key, S))
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -205,13 +188,18 @@ def missed_goals(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], tuple
 
 
 def measure_sgd(target_key: str) -> dict[str, Any]:
+    return {"target": target_key, "sgd_step_s": median_time(_step_fn("sgd", *_configured("sgd", target_key, 1)),
+                                                            repeats=10)}
+
+
+def _configured(name: str, target_key: str, S: int):
+    """(method, x, y): `name` on target `target_key` at S samples, and one MNIST-shaped batch."""
     from hypersweep.methods.targets import build_target
+    torch.manual_seed(0)
     splits = _splits()
     opts = dict(TARGETS[target_key])
     target = build_target(opts.pop("kind"), splits.input_shape, splits.n_outputs, **opts)
-    m = _method("sgd", target, splits, 1)
-    return {"target": target_key, "sgd_step_s": median_time(_step_fn("sgd", m, splits.x_train[:BATCH],
-                                                                      splits.y_train[:BATCH]), repeats=10)}
+    return _method(name, target, splits, S), splits.x_train[:BATCH], splits.y_train[:BATCH]
 
 
 def _in_subprocess(args: list[str], mode: str = "--one") -> dict[str, Any]:

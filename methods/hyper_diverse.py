@@ -196,11 +196,16 @@ class HyperDiverse(GenerativeMethod):
         out = self.target.forward(w, x.reshape(S, B // S, *x.shape[1:]))  # (S, B/S, out)
         loss = self.lambda_ * task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std)
         if S >= 2:
-            fixed = gauge_fix(self.target, w, centre_logits=self.splits.task == "classification")
-            entropy = kozachenko_leonenko(fixed, p=1, dim=self.hp["latent_dim"], constants=False)
+            entropy = self.entropy(w)
             self.last_entropy = float(entropy.detach())
             loss = loss - entropy
         return loss
+
+    def entropy(self, w: torch.Tensor) -> torch.Tensor:
+        """The training loss's entropy term of weight samples w (S, P): Kozachenko-Leonenko on the
+        gauge-fixed samples, L1 distances, the latent dimension as d, without the constants."""
+        fixed = gauge_fix(self.target, w, centre_logits=self.splits.task == "classification")
+        return kozachenko_leonenko(fixed, p=1, dim=self.hp["latent_dim"], constants=False)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
