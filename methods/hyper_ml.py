@@ -78,24 +78,17 @@ class LowRankOutput(nn.Module):
 
     def __init__(self, spec: ParamSpec, K: int, rank: int, generator: torch.Generator):
         super().__init__()
-        self.spec, self.rank = spec, rank
-        self.blocks = nn.ParameterList()  # per tensor in spec order: U, V (matrices) or A (vectors)
-        self.low_rank = tuple(len(shape) > 1 for shape in spec.shapes)
+        self.rank = rank
         factor_bound = (3.0 / (K * rank)) ** 0.25
-        for shape, low_rank in zip(spec.shapes, self.low_rank):
-            if low_rank:
-                self.blocks.append(_uniform((shape[0], K * rank), factor_bound, generator))
-                self.blocks.append(_uniform((math.prod(shape[1:]), K * rank), factor_bound, generator))
-            else:
-                self.blocks.append(_uniform((shape[0], K), 1.0 / math.sqrt(K), generator))
-        self._first = [0]
-        for low_rank in self.low_rank[:-1]:
-            self._first.append(self._first[-1] + (2 if low_rank else 1))
+        # per tensor in spec order: [U, V] for a matrix, [A] for a vector
+        self.blocks = nn.ModuleList(nn.ParameterList(
+            [_uniform((shape[0], K * rank), factor_bound, generator),
+             _uniform((math.prod(shape[1:]), K * rank), factor_bound, generator)] if len(shape) > 1
+            else [_uniform((shape[0], K), 1.0 / math.sqrt(K), generator)]) for shape in spec.shapes)
 
     def block(self, i: int) -> tuple[torch.Tensor, ...]:
         """Tensor i's parameters: (U, V) or (A,)."""
-        j = self._first[i]
-        return (self.blocks[j], self.blocks[j + 1]) if self.low_rank[i] else (self.blocks[j],)
+        return tuple(self.blocks[i])
 
     def apply(self, i: int, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """sum_k h_k A_k z for matrix i: h (S, K), z (S, n, cols) -> (S, n, rows)."""
@@ -104,13 +97,13 @@ class LowRankOutput(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """A h: (S, K) -> (S, P)."""
+        code = h.repeat_interleave(self.rank, 1).unsqueeze(1)  # (S, 1, K r)
         parts = []
-        for i in range(len(self.low_rank)):
-            if self.low_rank[i]:
-                U, V = self.block(i)
-                parts.append((U * h.repeat_interleave(self.rank, 1).unsqueeze(1)) @ V.T)  # (S, rows, cols)
+        for block in self.blocks:
+            if len(block) == 2:  # a matrix: U, V
+                parts.append((block[0] * code) @ block[1].T)  # (S, rows, cols)
             else:
-                parts.append(h @ self.block(i)[0].T)
+                parts.append(h @ block[0].T)  # (S, size)
         return torch.cat([p.reshape(len(h), -1) for p in parts], 1)
 
 
