@@ -204,7 +204,7 @@ class HyperDiverse(GenerativeMethod):
     def entropy(self, w: torch.Tensor) -> torch.Tensor:
         """The training loss's entropy term of weight samples w (S, P): Kozachenko-Leonenko on the
         gauge-fixed samples, L1 distances, the latent dimension as d, without the constants."""
-        fixed = gauge_fix(self.target, w, centre_logits=self.splits.task == "classification")
+        fixed = gauge_fix(self.target, w, centre_logits=self.splits.task == "classification", flat=False)
         return kozachenko_leonenko(fixed, p=1, dim=self.hp["latent_dim"], constants=False)
 
     @torch.no_grad()
