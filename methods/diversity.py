@@ -13,7 +13,7 @@ function, so that entropy measures diversity of functions, not of parametrisatio
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -97,8 +97,18 @@ def neighbours(samples: torch.Tensor | Sequence[torch.Tensor], *, p: float = 1.0
     return dist.topk(k, dim=1, largest=False).indices[:, -1]
 
 
+def mean_log_distance(parts: Sequence[torch.Tensor], nearest: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """mean_i log(rho_i + 1e-8), rho_i the L_p distance from sample i to sample nearest[i], the
+    samples given as parts (N, D_j) along their last axis."""
+    # ||x||_p = (sum over parts of ||x_j||_p^p)^(1/p); one part: the norm itself.
+    norms = [torch.linalg.vector_norm(part - part[nearest], ord=p, dim=1) for part in parts]
+    rho = norms[0] if len(norms) == 1 else sum(n.pow(p) for n in norms).pow(1 / p)
+    return torch.log(rho + 1e-8).mean()
+
+
 def kozachenko_leonenko(samples: torch.Tensor | Sequence[torch.Tensor], *, p: float = 1.0, k: int = 1,
-                        dim: int | None = None, constants: bool = True) -> torch.Tensor:
+                        dim: int | None = None, constants: bool = True,
+                        log_distance: Callable[..., torch.Tensor] = mean_log_distance) -> torch.Tensor:
     """Nearest-neighbour entropy estimate of the distribution of `samples` (N, D), given whole or
     as a list of parts (N, D_j) along D (then no (N, D) concatenation is built):
 
@@ -107,15 +117,12 @@ def kozachenko_leonenko(samples: torch.Tensor | Sequence[torch.Tensor], *, p: fl
     rho_i: L_p distance to the k-th nearest other sample. `dim` replaces d in the last term (and
     V_d), as Deutsch et al. do with the latent dimension: the generated weights live on a
     manifold of at most that dimension. `constants=False` keeps psi(N) and drops
-    -psi(k) + log V_d, as the reference training loss does (they do not change gradients)."""
+    -psi(k) + log V_d, as the reference training loss does (they do not change gradients).
+    `log_distance`: `mean_log_distance` or a compiled version of it (hyper-diverse's option)."""
     parts = _parts(samples)
     N = parts[0].shape[0]
     d = sum(part.shape[1] for part in parts) if dim is None else dim
-    nearest = neighbours(parts, p=p, k=k)
-    # ||x||_p = (sum over parts of ||x_j||_p^p)^(1/p); one part: the norm itself.
-    norms = [torch.linalg.vector_norm(part - part[nearest], ord=p, dim=1) for part in parts]
-    rho = norms[0] if len(norms) == 1 else sum(n.pow(p) for n in norms).pow(1 / p)
-    h = d * torch.log(rho + 1e-8).mean() + torch.special.digamma(torch.tensor(float(N)))
+    h = d * log_distance(parts, neighbours(parts, p=p, k=k), p) + torch.special.digamma(torch.tensor(float(N)))
     if constants:
         h = h - torch.special.digamma(torch.tensor(float(k))) + log_unit_ball_volume(d, p)
     return h
