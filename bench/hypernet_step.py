@@ -23,9 +23,10 @@ import torch
 
 from bench.common import matmul_gflops, md_table, median_time, write
 
-METHODS = ("hyper-ml", "hyper-ml rank 1", "hyper-diverse", "hyper-posterior", "stn")
+METHODS = ("hyper-ml", "hyper-ml rank 1", "hyper-diverse", "hyper-diverse compiled", "hyper-posterior", "stn")
 # Rows of a method with options other than its defaults: name -> (method, hyperparameters)
-VARIANTS = {"hyper-ml rank 1": ("hyper-ml", {"output_rank": 1})}  # not the paper's layer: fidelity.md checks it
+VARIANTS = {"hyper-ml rank 1": ("hyper-ml", {"output_rank": 1}),  # not the paper's layer: fidelity.md checks it
+            "hyper-diverse compiled": ("hyper-diverse", {"compile_entropy": 1})}  # same numerics (a test)
 TARGETS = {"mlp": {"kind": "mlp", "hidden": [400, 400]}, "cnn": {"kind": "cnn", "channels": [32, 16], "fc_hidden": 8}}
 SAMPLES = (1, 8, 32, 256)
 BATCH = 256
@@ -152,7 +153,7 @@ def measure_profile(name: str, target_key: str, S: int, steps: int = 3, top: int
 GOALS = {("hyper-ml", "mlp", 256): ("fraction_of_matmul_bound", ">=", 0.70),
          ("hyper-ml", "mlp", 1): ("cost_vs_sgd_step", "<=", 5.0),
          ("hyper-ml rank 1", "mlp", 1): ("cost_vs_sgd_step", "<=", 5.0),
-         ("hyper-diverse", "mlp", 32): ("speedup_vs_loop", ">=", 5.0),
+         **{(m, "mlp", 32): ("speedup_vs_loop", ">=", 5.0) for m in ("hyper-diverse", "hyper-diverse compiled")},
          **{(m, "cnn", 32): ("speedup_vs_loop", ">=", 3.0) for m in ("hyper-ml", "hyper-diverse", "hyper-posterior")}}
 
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
 
 # torch's FlopCounterMode counts a grouped convolution (one group per weight sample) as if every
 # group saw all input channels: about S times too much. Those rows get no FLOP-based figures.
-GROUPED_CONV = {("hyper-ml", "cnn"), ("hyper-ml rank 1", "cnn"), ("hyper-diverse", "cnn")}
+GROUPED_CONV = {(m, "cnn") for m in ("hyper-ml", "hyper-ml rank 1", "hyper-diverse", "hyper-diverse compiled")}
 
 
 def render(rows: list[dict[str, Any]], bound: float, profiles: list[dict[str, Any]] = ()) -> str:
