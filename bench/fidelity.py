@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ml-last", type=int, default=5, help="hyper-ml: test errors averaged over the last K epochs")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="hyper-ml: output_rank values to check")
     parser.add_argument("--study-dir", type=Path, help="stn: a finished study of configs/stn-vs-bo-mnist5k-cnn.yaml")
+    parser.add_argument("--study-commit", help="stn: the commit whose code ran the study (a study does not record it)")
     parser.add_argument("--only", choices=("posterior", "diverse", "ml", "stn"), help="one table (the others are kept)")
     parser.add_argument("--keep-runs", action="store_true",
                         help="hyper-diverse: keep the recorded runs (each names its commit) in the tables and run "
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
             f"slots (a one-trial arm gets both slots' CPUs), the final best validation loss and the test error at "
             f"the best validation report, mean +- std over seeds; CPU s: the CPU time the arm's trials used "
             f"(the compute actually spent). The metric and the task differ from the paper's, so the check is the "
-            f"order of the arms, not the numbers. Commit {version}.\n\n{table}")
+            f"order of the arms, not the numbers. Study run by commit {args.study_commit or '(not given)'}; "
+            f"table by commit {version}.\n\n{table}")
     record["sections"] = sections
     text = "\n".join(sections[k] for k in ("posterior", "diverse", "ml", "stn") if k in sections)
     path = write("fidelity", record, text, "python -m bench.run fidelity")
