@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.study_dir is None:
             parser.error("--only stn needs --study-dir (a study of configs/stn-vs-bo-mnist5k-cnn.yaml)")
         record["stn"], table = stn_table(args.study_dir)
+        record["stn"]["study_commit"] = args.study_commit
         sections["stn"] = (
             f"## STN (MacKay et al. 2019): one tuning run against searches, at equal compute\n\n"
             f"Paper: PTB LSTM perplexities (val / test); its Table 1 tunes output dropout alone (a fixed value from "
