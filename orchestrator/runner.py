@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -264,6 +265,41 @@ def parent_name(study: Study) -> str:
     return f"{study.name} · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
 
 
+def code_tags(root: Path | None = None) -> dict[str, str]:
+    """What code runs a study, as MLflow tags of its parent run: hypersweep's version and, when
+    it runs from a git checkout of hypersweep (an editable install), the commit (MLflow's own
+    `mlflow.source.git.commit`, shown in the UI) and whether the package folders had uncommitted
+    changes. A wheel install has the version only. `root`: the source tree (default: this
+    file's)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        tags = {"hypersweep.version": version("hypersweep")}
+    except PackageNotFoundError:  # run from a source tree on sys.path
+        tags = {"hypersweep.version": "unknown"}
+    root = (root or Path(__file__).parent.parent).resolve()  # a checkout, when this file is its orchestrator/
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:  # not a checkout of hypersweep itself
+        return tags
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        changes = git("status", "--porcelain", "--", "orchestrator", "workers", "methods")
+        tags["hypersweep.git_dirty"] = "true" if changes else "false"
+    return tags
+
+
+def _study_tags(study: Study, study_dir: StudyDir) -> dict[str, str]:
+    return {"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
+            "mlflow.note.content": study_description(study, study_dir), **code_tags()}
+
+
 def _study_params(study: Study, tracking_uri: str) -> dict:
     """The parent run's params: the resolved study, its model by what applies to the model's
     kind, with the store it records to (a flag or MLFLOW_TRACKING_URI named it, not the study
@@ -312,8 +348,7 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
     parent = tracker.start_run(parent_name(study), params=_study_params(study, tracking_uri),
-                               tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
-                                     "mlflow.note.content": study_description(study, study_dir)})
+                               tags=_study_tags(study, study_dir))
     records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
                                                         "experiment_id": tracker.experiment_id,
                                                         "parent_run_id": parent}, statuses)
@@ -403,8 +438,10 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
     if parent is None:  # died before its parent run was recorded
         parent = tracker.start_run(parent_name(study), params=_study_params(study, uri),
-                                   tags={"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
-                                         "mlflow.note.content": study_description(study, study_dir)})
+                                   tags=_study_tags(study, study_dir))
+    else:  # the code of this resume, beside the code that started the study
+        resumed = {f"hypersweep.resumed_{key.rsplit('.', 1)[-1]}": value for key, value in code_tags().items()}
+        tracker.set_tags(parent, resumed)
     resumes = tracker.reopen(parent)
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())

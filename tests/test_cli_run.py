@@ -155,6 +155,7 @@ def test_mlflow_records(finished_study):
     assert parent.data.params["tracking.uri"] == uri  # given by --tracking-uri, not the study file
     assert parent.data.params["model.hidden"] == "[16]" and "model.channels" not in parent.data.params
     assert "**fixed**: sgd, search fixed" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["hypersweep.version"]  # and the commit, from a checkout (test_packaging)
     df_best = pd.read_parquet(study_dir / "results.parquet").groupby(["arm", "seed_index"]).val_loss.min()
     for arm in ("fixed", "rand"):  # the experiment table ranks arms by these
         assert parent.data.metrics[f"arm/{arm}/median_best_val_loss"] == pytest.approx(df_best.loc[arm].median())

@@ -39,3 +39,26 @@ def test_the_wheel_has_one_top_level_name_and_imports_in_a_fresh_venv(tmp_path):
         assert done.returncode == 0 and done.stdout.strip() == module, done.stderr
     for module in ("orchestrator", "workers", "methods"):
         assert "ModuleNotFoundError" in imports(module).stderr
+
+
+def test_code_tags_name_the_commit_of_a_hypersweep_checkout_only(tmp_path):
+    """A study's MLflow run says which code ran it: the version always, and the commit and
+    whether the package folders had uncommitted changes when that code is a git checkout."""
+    from hypersweep.orchestrator.runner import code_tags
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+    repo = tmp_path / "checkout"
+    (repo / "orchestrator").mkdir(parents=True)
+    (repo / "orchestrator" / "cli.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    tags = code_tags(repo)
+    assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD").strip()
+    assert tags["hypersweep.git_dirty"] == "false" and tags["hypersweep.version"]
+    (repo / "orchestrator" / "cli.py").write_text("x = 2\n")
+    assert code_tags(repo)["hypersweep.git_dirty"] == "true"
+    # a tree inside some other repository (a venv in a project), or in none: the version only
+    assert set(code_tags(repo / "orchestrator")) == {"hypersweep.version"}
+    assert set(code_tags(tmp_path)) == {"hypersweep.version"}
