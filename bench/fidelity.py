@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.study_dir is None:
             parser.error("--only stn needs --study-dir (a study of configs/stn-vs-bo-mnist5k-cnn.yaml)")
         record["stn"], table = stn_table(args.study_dir)
-        record["stn"]["study_commit"] = args.study_commit
+        record["stn"]["study_commit"] = args.study_commit or old.get("stn", {}).get("study_commit")
         sections["stn"] = (
             f"## STN (MacKay et al. 2019): one tuning run against searches, at equal compute\n\n"
             f"Paper: PTB LSTM perplexities (val / test); its Table 1 tunes output dropout alone (a fixed value from "
@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
             f"slots (a one-trial arm gets both slots' CPUs), the final best validation loss and the test error at "
             f"the best validation report, mean +- std over seeds; CPU s: the CPU time the arm's trials used "
             f"(the compute actually spent). The metric and the task differ from the paper's, so the check is the "
-            f"order of the arms, not the numbers. Study run by commit {args.study_commit or '(not given)'}; "
+            f"order of the arms, not the numbers. Study run by commit "
+            f"{record['stn']['study_commit'] or '(not given)'}; "
             f"table by commit {version}.\n\n{table}")
     record["sections"] = sections
     text = "\n".join(sections[k] for k in ("posterior", "diverse", "ml", "stn") if k in sections)

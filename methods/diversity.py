@@ -63,7 +63,10 @@ def log_unit_ball_volume(d: int, p: float) -> float:
 
 
 def _parts(samples: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [samples] if isinstance(samples, torch.Tensor) else list(samples)
+    parts = [samples] if isinstance(samples, torch.Tensor) else list(samples)
+    if not parts:
+        raise ValueError("no samples: an empty list of parts")
+    return parts
 
 
 @torch.no_grad()
@@ -100,9 +103,9 @@ def neighbours(samples: torch.Tensor | Sequence[torch.Tensor], *, p: float = 1.0
 def mean_log_distance(parts: Sequence[torch.Tensor], nearest: torch.Tensor, p: float = 1.0) -> torch.Tensor:
     """mean_i log(rho_i + 1e-8), rho_i the L_p distance from sample i to sample nearest[i], the
     samples given as parts (N, D_j) along their last axis."""
-    # ||x||_p = (sum over parts of ||x_j||_p^p)^(1/p); one part: the norm itself.
+    # ||x||_p is the L_p norm of the parts' norms (for p = inf too: their largest).
     norms = [torch.linalg.vector_norm(part - part[nearest], ord=p, dim=1) for part in parts]
-    rho = norms[0] if len(norms) == 1 else sum(n.pow(p) for n in norms).pow(1 / p)
+    rho = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), ord=p, dim=0)
     return torch.log(rho + 1e-8).mean()
 
 
@@ -110,7 +113,7 @@ def kozachenko_leonenko(samples: torch.Tensor | Sequence[torch.Tensor], *, p: fl
                         dim: int | None = None, constants: bool = True,
                         log_distance: Callable[..., torch.Tensor] = mean_log_distance) -> torch.Tensor:
     """Nearest-neighbour entropy estimate of the distribution of `samples` (N, D), given whole or
-    as a list of parts (N, D_j) along D (then no (N, D) concatenation is built):
+    as a list of parts (N, D_j) along D (for p = 1, no (N, D) concatenation is built then):
 
         H = psi(N) - psi(k) + log V_d + d * mean_i log(rho_i + 1e-8)
 

@@ -175,6 +175,11 @@ class HyperDiverse(GenerativeMethod):
         self.gauge = partial(gauge_fix, target, centre_logits=self.splits.task == "classification", flat=False)
         self.log_distance = mean_log_distance
         if self.hp["compile_entropy"]:  # fused elementwise passes: same values within float32 rounding
+            # Dynamo's cache is per function and process: its guards on an earlier target (a reused
+            # Ray actor's previous trial) would count towards its recompile limit, past which it
+            # falls back to eager without a word. A sample count other than the first (a short
+            # last batch) compiles once more, then for any count.
+            torch._dynamo.reset()
             self.gauge, self.log_distance = torch.compile(self.gauge), torch.compile(mean_log_distance)
         return list(self.generator.parameters())
 

@@ -278,9 +278,12 @@ def code_tags(root: Path | None = None) -> dict[str, str]:
         tags = {"hypersweep.version": "unknown"}
     root = (root or Path(__file__).parent.parent).resolve()  # a checkout, when this file is its orchestrator/
 
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+
     def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        try:  # no index refresh (--no-optional-locks): never holds index.lock against the user's git
+            out = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=10, env=env)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -440,7 +443,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         parent = tracker.start_run(parent_name(study), params=_study_params(study, uri),
                                    tags=_study_tags(study, study_dir))
     else:  # the code of this resume, beside the code that started the study
-        resumed = {f"hypersweep.resumed_{key.rsplit('.', 1)[-1]}": value for key, value in code_tags().items()}
+        code = code_tags()  # every key, "" where this code has none (no stale value of an earlier resume)
+        resumed = {f"hypersweep.resumed_{key.rsplit('.', 1)[-1]}": code.get(key, "")
+                   for key in ("hypersweep.version", "mlflow.source.git.commit", "hypersweep.git_dirty")}
         tracker.set_tags(parent, resumed)
     resumes = tracker.reopen(parent)
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on

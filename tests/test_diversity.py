@@ -92,7 +92,7 @@ def test_l1_neighbour_search_over_blocks_of_the_weight_axis():
     assert torch.equal(neighbours(x, p=1, k=3), dist.topk(3, dim=1, largest=False).indices[:, -1])
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_entropy_of_gauge_fixed_parts_equals_that_of_the_concatenation(kind, p):
     """hyper-diverse's entropy runs on the gauge-fixed parameter tensors as parts, without the
@@ -103,10 +103,20 @@ def test_entropy_of_gauge_fixed_parts_equals_that_of_the_concatenation(kind, p):
     parts = gauge_fix(net, a, flat=False)
     assert [part.shape[1] for part in parts] == list(net.spec.sizes)
     flat = gauge_fix(net, b)
-    assert torch.equal(neighbours(parts, p=p), neighbours(flat, p=p))
-    new = kozachenko_leonenko(parts, p=p, dim=12, constants=False)
-    old = kozachenko_leonenko(flat, p=p, dim=12, constants=False)
+    assert torch.equal(neighbours(parts, p=p, k=2), neighbours(flat, p=p, k=2))
+    new = kozachenko_leonenko(parts, p=p, k=2, dim=12, constants=False)
+    old = kozachenko_leonenko(flat, p=p, k=2, dim=12, constants=False)
     new.backward()
     old.backward()
     assert float(new) == pytest.approx(float(old), rel=1e-12)
     assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_l1_neighbour_search_over_parts_wider_than_a_block():
+    """Parts are searched block by block each: a part spanning several blocks, a short one."""
+    x = torch.randn(8, 3 * ((1 << 20) // 8) + 11, generator=torch.Generator().manual_seed(6))
+    parts = [x[:, :5], x[:, 5:2 * ((1 << 20) // 8) + 40], x[:, 2 * ((1 << 20) // 8) + 40:]]
+    dist = torch.cdist(x.double(), x.double(), p=1).fill_diagonal_(math.inf)
+    assert torch.equal(neighbours(parts, p=1), dist.argmin(1))
+    with pytest.raises(ValueError, match="no samples"):
+        neighbours([], p=1)

@@ -6,6 +6,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,6 +43,7 @@ def test_the_wheel_has_one_top_level_name_and_imports_in_a_fresh_venv(tmp_path):
         assert "ModuleNotFoundError" in imports(module).stderr
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_code_tags_name_the_commit_of_a_hypersweep_checkout_only(tmp_path):
     """A study's MLflow run says which code ran it: the version always, and the commit and
     whether the package folders had uncommitted changes when that code is a git checkout."""
@@ -53,10 +56,12 @@ def test_code_tags_name_the_commit_of_a_hypersweep_checkout_only(tmp_path):
     (repo / "orchestrator" / "cli.py").write_text("x = 1\n")
     git("init", "-q")
     git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-qm", "first")
     tags = code_tags(repo)
     assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD").strip()
     assert tags["hypersweep.git_dirty"] == "false" and tags["hypersweep.version"]
+    (repo / "notes.txt").write_text("outside the package folders\n")
+    assert code_tags(repo)["hypersweep.git_dirty"] == "false"
     (repo / "orchestrator" / "cli.py").write_text("x = 2\n")
     assert code_tags(repo)["hypersweep.git_dirty"] == "true"
     # a tree inside some other repository (a venv in a project), or in none: the version only
