@@ -44,6 +44,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
+
 from bench.common import write
 
 POSTERIOR_GRID = [("all-in-one", "normal"), ("all-in-one", "uniform"), ("block-wise", "normal"),
@@ -190,6 +192,39 @@ def diverse_table(seeds: int, steps: int, workers: int, sweep_steps: int, sweep_
                      f"{_spread(b)} | {_spread([q - p for p, q in zip(a, b)])} | "
                      f"{_spread([r['disagreement'] for r in rows])} | {len(rows)} |")
     return runs, "\n".join(lines) + "\n"
+
+
+def diverse_plot(runs: list[dict], sweep_steps: int, path: Path) -> Path:
+    """The accuracy/diversity trade-off over lambda (the paper's Fig. 2 as our figures): per image
+    batch, the test error of one sample and of the 16-sample mean, and the samples'
+    disagreement, at `sweep_steps` (mean and std over the seeds recorded there)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (err_ax, dis_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for batch in sorted({r["image_batch"] for r in runs}):
+        points = []
+        for lam in sorted({r["lambda"] for r in runs if r["image_batch"] == batch}):
+            seeds = sorted({r["seed"] for r in runs if (r["lambda"], r["image_batch"]) == (lam, batch)})
+            at = [row for k in seeds if (row := _at_step(runs, (lam, batch, k), sweep_steps))]
+            if at:
+                points.append((lam, *[np.array([r[key] for r in at]) for key in ("x1", "x16", "disagreement")]))
+        if not points:
+            continue
+        lams = [p[0] for p in points]
+        for ax, i, label in ((err_ax, 1, "one sample"), (err_ax, 2, "16-sample mean"), (dis_ax, 3, "disagreement")):
+            ax.errorbar(lams, [p[i].mean() for p in points], yerr=[p[i].std() for p in points], marker="o",
+                        capsize=3, label=f"{label}, {batch} images per sample")
+    for ax, ylabel in ((err_ax, "test error (%)"), (dis_ax, "pairs of samples that disagree (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda (1e9: without the entropy term)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"hyper-diverse on {DATASET}, MLP 256-256, at {sweep_steps} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # Sheikh et al. 2017, Table 2, 784-400-400-10 on MNIST, 2,000 epochs: test error %, the mean of the last 20
@@ -345,7 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-runs", action="store_true",
                         help="hyper-diverse: keep the recorded runs (each names its commit) in the tables and run "
                              "only the missing ones (same lambda, seed, steps and image batch)")
-    args = parser.parse_args(argv or [])
+    parser.add_argument("--plot-diverse", action="store_true",
+                        help="only redraw the lambda plot from the recorded hyper-diverse runs (no training)")
+    args = parser.parse_args(argv)  # None: the command line (python -m bench.fidelity ARGS)
+    if args.plot_diverse:
+        print(diverse_plot(_previous().get("hyper_diverse", {}).get("runs", []), args.sweep_steps, DIVERSE_PLOT))
+        return
     version = commit()
     old = _previous()
     recorded = old.get("hyper_diverse", {})
@@ -381,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
             f"target row. The claim to check: "
             f"the entropy term costs single-sample accuracy and buys ensemble accuracy; lambda 1e9 is "
             f"the ablation without it.\n\n{table}")
+        diverse_plot(runs, args.sweep_steps, DIVERSE_PLOT)
         record["hyper_diverse"] = {"commit": version, "dataset": DATASET,
                                    "model": {"kind": "mlp", "hidden": [256, 256]},
                                    "steps": args.steps, "runs": runs}
@@ -421,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(sections[k] for k in ("posterior", "diverse", "ml", "stn") if k in sections)
     path = write("fidelity", record, text, "python -m bench.run fidelity")
     print(path.read_text())
+
+
+DIVERSE_PLOT = Path(__file__).parent / "results" / "fidelity-diverse-lambda.png"
 
 
 def _previous() -> dict:
