@@ -43,9 +43,14 @@ def _base(name: str) -> str:
     return VARIANTS.get(name, (name, {}))[0]
 
 
+def _options(name: str) -> dict[str, Any]:
+    """A row's hyperparameters beside the method's defaults."""
+    return VARIANTS.get(name, (name, {}))[1]
+
+
 def _method(name: str, target, splits, S: int):
     from hypersweep.methods import method_module
-    name, options = VARIANTS.get(name, (name, {}))
+    name, options = _base(name), _options(name)
     hp = {"hyper-ml": {"batch_size": BATCH, "samples_per_step": S},
           "hyper-diverse": {"noise_batch": max(S, 2), "image_batch": BATCH // max(S, 2)},
           "hyper-posterior": {"batch_size": BATCH, "samples_per_step": S},
@@ -112,7 +117,7 @@ def measure_one(name: str, target_key: str, S: int) -> dict[str, Any]:
     rss_before = psutil.Process().memory_info().rss
     step()
     # A compiled variant's first step compiles, and the process peak is the compiler's: not shown.
-    compiled = bool(VARIANTS.get(name, (name, {}))[1].get("compile_entropy"))
+    compiled = bool(_options(name).get("compile_entropy"))
     peak = None if compiled else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with FlopCounterMode(display=False) as counter:
         step()

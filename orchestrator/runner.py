@@ -294,7 +294,8 @@ def code_tags(root: Path | None = None) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         changes = git("status", "--porcelain", "--", "orchestrator", "workers", "methods")
-        tags["hypersweep.git_dirty"] = "true" if changes else "false"
+        if changes is not None:  # a failed status says nothing either way
+            tags["hypersweep.git_dirty"] = "true" if changes else "false"
     return tags
 
 
