@@ -15,6 +15,10 @@ around that one draw: each weight's std across samples is about 0.07 x its layer
 init's std (0.58 x bound). The likelihood then concentrates the cloud (the paper's Figure 2,
 logged as `weight_std`; `dead_units` tells a collapse by dead hypernet units apart).
 
+A is stored input-major (each weight matrix's block transposed, `_input_major`) for the MLP
+paths; it is drawn in the target's order, so a seed gives the weights it gave before, and a
+checkpoint written before (no `output_layout`) is converted when loaded.
+
 `output_rank` r > 0 replaces the dense output layer by `LowRankOutput` (not the paper's layer:
 an option for speed; its accuracy beside the dense layer's: bench/results/fidelity.md).
 """
@@ -34,6 +38,9 @@ from hypersweep.methods.targets import MLP, ParamSpec, TargetNet, sample_dropout
 from hypersweep.methods.tuned import inv_softplus
 
 
+INPUT_MAJOR = "input-major"  # a checkpoint's dense output layer layout (none recorded: the target's order)
+
+
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
     hps = [
         HParam("lr", 1e-3, 1e-8, 1.0, doc="Adam learning rate of the hypernet"),
@@ -46,7 +53,8 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("noise_scale_init", 1.0, 1e-4, 100.0, doc="softplus scale of eps, learned"),
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
-        HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets, S = B: train without building the (S, P) weights"),
+        HParam("factorised", 1, 0, 1, kind=int,
+               doc="MLP targets' fast paths (S = B: no (S, P) weights; S < B: weights in the dense layer's order)"),
         HParam("output_rank", 0, 0, 4096, kind=int,
                doc="0: the paper's dense output layer; r > 0: rank-r blocks per code unit (LowRankOutput)"),
     ]
@@ -57,14 +65,29 @@ def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -
     return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
 
 
-def _dense_apply(A_w: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """sum_k h_k A_k z for a dense block A_w (out * in, K): W_s z = A_W (z (x) h_s) with A_W
-    viewed as (out, in * K), one GEMM on the outer products of inputs and codes.
-    h (S, K), z (S, n, in) -> (S, n, out)."""
+def _input_major(spec: ParamSpec, t: torch.Tensor, dim: int, inverse: bool = False) -> torch.Tensor:
+    """The dense output layer keeps each weight matrix (rows, cols...) input-major, as its
+    transpose (cols, rows), so the MLP path contracts the inputs with A as stored (the output-side
+    contraction, `_dense_apply`). Entries of `t` along `dim` in the target's order -> that storage
+    order; `inverse`: back. Vectors (biases) keep their order."""
+    parts = []
+    for part, shape in zip(torch.split(t, spec.sizes, dim), spec.shapes):
+        if len(shape) > 1:
+            rows, cols = shape[0], part.shape[dim] // shape[0]
+            part = part.unflatten(dim, (cols, rows) if inverse else (rows, cols)).transpose(dim, dim + 1)
+            part = part.flatten(dim, dim + 1)
+        parts.append(part)
+    return torch.cat(parts, dim)
+
+
+def _dense_apply(A_in: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_k h_k A_k z for a dense block stored input-major, A_in (in, out * K): z A_in holds
+    every A_k z (out x K numbers per example, one GEMM on A as stored), then each example's
+    are contracted with its sample's code. h (S, K), z (S, n, in) -> (S, n, out)."""
     S, K = h.shape
-    d_in = z.shape[-1]
-    outer = (z.unsqueeze(-1) * h[:, None, None, :]).reshape(S, z.shape[1], d_in * K)
-    return outer @ A_w.reshape(-1, d_in * K).T
+    n = z.shape[1]
+    per_code = (z @ A_in).view(S, n * (A_in.shape[1] // K), K)
+    return torch.bmm(per_code, h.unsqueeze(-1)).view(S, n, -1)
 
 
 class LowRankOutput(nn.Module):
@@ -126,10 +149,12 @@ class HyperNet(nn.Module):
                 layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
         if output_rank:
             self.out = LowRankOutput(target.spec, dims[-1], output_rank, generator)
-        else:  # the paper's layer: A (P, K), U(+-1/sqrt(K))
+        else:  # the paper's layer: A (P, K), U(+-1/sqrt(K)), drawn in the target's order, stored input-major
             self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False)
             with torch.no_grad():
-                self.out.weight.copy_(_uniform(self.out.weight.shape, 1.0 / math.sqrt(dims[-1]), generator))
+                drawn = _uniform(self.out.weight.shape, 1.0 / math.sqrt(dims[-1]), generator)
+                self.out.weight.copy_(_input_major(target.spec, drawn, 0))
+        self.spec = target.spec
 
     def code(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The last hidden layer h (S, K); the weights are base + bound * (A h)."""
@@ -139,15 +164,21 @@ class HyperNet(nn.Module):
         return h
 
     def forward(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.base + self.bound * self.out(self.code(eps, generator))
+        generated = self.out(self.code(eps, generator))
+        if not self.output_rank:
+            generated = _input_major(self.spec, generated, 1, inverse=True)
+        return self.base + self.bound * generated
 
     def forward_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The MLP target with the weights of codes h (S, K) on x (S, n, ...), without building
         the (S, P) weights. Per layer W_s = B + bound * reshape(A h_s), so
-        W_s x = B x + bound * A_W (x (x) h_s), with A_W viewed as (out, in * K): one GEMM on the
-        outer products of inputs and codes (B x in x K numbers) replaces S x P generated weights
-        and S matrix-vector products (shared notes: performance-notes.md). A `LowRankOutput`
-        applies its factors instead (B x (in + out) x K r)."""
+        W_s x = B x + bound * sum_k h_sk (A_k x): one GEMM of the inputs with A (stored input-major,
+        (in, out * K)), then a contraction of its B x out x K numbers with the codes, replaces S x P
+        generated weights and S matrix-vector products (shared notes: performance-notes.md). The
+        input side, A (out, in * K) on the outer products x (x) h_s, does the same FLOPs on B x in x K
+        numbers with slower GEMMs: its step took 1.15 to 1.3 times this one's (784-400-400-10,
+        S = B = 256, 2 cores, steps timed in turn). A `LowRankOutput` applies its factors instead
+        (B x (in + out) x K r)."""
         S = h.shape[0]
         sizes = target.spec.sizes
         # One split (its backward is one concatenation; slicing would zero-fill a P x K
@@ -160,11 +191,27 @@ class HyperNet(nn.Module):
             w0, b0 = base[2 * i], base[2 * i + 1]
             bound = bounds[2 * i][0]  # one init bound per layer (weights and bias)
             if dense is not None:
-                A_wz, A_b = _dense_apply(dense[2 * i], h, z), dense[2 * i + 1]
+                A_wz, A_b = _dense_apply(dense[2 * i].view(d_in, -1), h, z), dense[2 * i + 1]
             else:
                 A_wz, A_b = self.out.apply(2 * i, h, z), self.out.block(2 * i + 1)[0]
             y = z @ w0.reshape(d_out, d_in).T + bound * A_wz
             z = y + (b0 + bound * (h @ A_b.T)).unsqueeze(1)
+            if i < n_layers - 1:
+                z = torch.relu(z)
+        return z
+
+
+    def built_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The MLP target with the (S, P) weights of codes h (S, K) on x (S, n, ...), built in the
+        dense layer's input-major order: each layer takes its stored (in, out) block as W^T, so
+        the weights are never put back in the target's order (a copy of S x P numbers)."""
+        S = h.shape[0]
+        weights = _input_major(self.spec, self.base, 0) + self.bound * self.out(h)
+        parts = torch.split(weights, self.spec.sizes, 1)
+        z = x.reshape(S, x.shape[1], -1)
+        n_layers = len(target.dims) - 1
+        for i, (d_in, d_out) in enumerate(zip(target.dims[:-1], target.dims[1:])):
+            z = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), z, parts[2 * i].view(S, d_in, d_out))
             if i < n_layers - 1:
                 z = torch.relu(z)
         return z
@@ -197,10 +244,14 @@ class HyperML(GenerativeMethod):
         # The factorised path costs B x in x out x K per layer whatever S is; building the weights
         # costs S x in x out x K (+ B x in x out to apply them): it pays only at one sample per
         # example. With low-rank blocks it costs B x (in + out) x K r: always the cheaper.
-        if isinstance(self.target, MLP) and self.hp["factorised"] and (S == B or self.hp["output_rank"]):
+        if isinstance(self.target, MLP) and self.hp["factorised"]:
             self.hypernet.train(True)
             eps = torch.randn(S, self.hp["noise_dim"], generator=self.noise_gen, device=self.device)
-            out = self.hypernet.forward_mlp(self.target, self.hypernet.code(eps, self.noise_gen), x)
+            code = self.hypernet.code(eps, self.noise_gen)
+            if S == B or self.hp["output_rank"]:
+                out = self.hypernet.forward_mlp(self.target, code, x)
+            else:  # the dense layer's weights, built in its own order
+                out = self.hypernet.built_mlp(self.target, code, x)
         else:
             out = self.target.forward(self.sample_weights(S, self.noise_gen, training=True), x)  # (S, B/S, out)
         return task_loss(out, y.reshape(S, B // S), self.splits.task, self.log_noise_std)
@@ -227,11 +278,28 @@ class HyperML(GenerativeMethod):
                 "noise_scale": float(F.softplus(self.hypernet.noise_scale)), "dead_units": self.dead_units()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"hypernet": self.hypernet.state_dict(), "input_noise": self.input_noise.detach().clone()}
+        return {"hypernet": self.hypernet.state_dict(), "input_noise": self.input_noise.detach().clone(),
+                "output_layout": INPUT_MAJOR}
+
+    def _stored_out_major(self, state: Mapping[str, Any]) -> bool:
+        """A checkpoint written before the dense output layer was stored input-major."""
+        return not self.hp["output_rank"] and state.get("output_layout") != INPUT_MAJOR
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.hypernet.load_state_dict(state["hypernet"])
+        hypernet = state["hypernet"]
+        if self._stored_out_major(state):
+            hypernet = {**hypernet, "out.weight": _input_major(self.target.spec, hypernet["out.weight"], 0)}
+        self.hypernet.load_state_dict(hypernet)
         with torch.no_grad():
             self.input_noise.copy_(state["input_noise"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self._stored_out_major(state):  # Adam's moments of the output layer, in its order too
+            moments = self.optim.state[self.hypernet.out.weight]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in moments:
+                    moments[key] = _input_major(self.target.spec, moments[key], 0)
+
 
 METHOD = HyperML

@@ -1,4 +1,6 @@
 """`hyper-ml` (Sheikh et al. 2017): generator batched == looped, one sample per example, learns."""
+import copy
+
 import pytest
 import torch
 
@@ -80,11 +82,13 @@ def test_learns_digits_and_input_noise_is_learned():
     assert m.diagnostics()["input_noise"] != start_noise
 
 
-def test_factorised_training_path_equals_built_weights():
-    """The MLP path without (S, P) weights gives the same loss and gradients."""
+@pytest.mark.parametrize("samples", [0, 4])
+def test_factorised_training_path_equals_built_weights(samples):
+    """The MLP paths (S = B: without (S, P) weights; S < B: weights built input-major) give the
+    loss and gradients of the target applied to `sample_weights`."""
     grads = {}
     for factorised in (0, 1):
-        m = _method(hidden=(16, 12), batch_size=8, factorised=factorised)
+        m = _method(hidden=(16, 12), batch_size=8, samples_per_step=samples, factorised=factorised)
         x, y = m.data["train"][0][:8], m.data["train"][1][:8]
         loss = m.train_batch(x, y)
         loss.backward()
@@ -156,3 +160,50 @@ def test_low_rank_output_builds_cnn_weights():
     eps = torch.randn(2, m.hp["noise_dim"])
     m.hypernet.eval(), restored.hypernet.eval()
     torch.testing.assert_close(restored.hypernet(eps), m.hypernet(eps))
+
+
+def test_dense_output_layer_generates_the_weights_of_its_target_order_draw():
+    """The dense layer is stored input-major (for the MLP path's output-side contraction) but
+    drawn in the target's order: a seed gives the weights it gave before the layout changed."""
+    m = _method(hyper_hidden=[100, 50])
+    spec, K = m.target.spec, 50
+    A = (torch.rand((spec.flat_size, K), generator=_init_generator(m)) * 2 - 1) / K ** 0.5
+    m.hypernet.eval()
+    eps = torch.randn(3, m.hp["noise_dim"])
+    expected = m.hypernet.base + m.hypernet.bound * (m.hypernet.code(eps) @ A.T)
+    torch.testing.assert_close(m.hypernet(eps), expected)
+
+
+def _init_generator(m):
+    """The generator state the output layer was drawn from: replay the base's and the hidden
+    layers' draws from the method's init stream."""
+    from hypersweep.methods.seeding import Stream, stream_generator
+    g = stream_generator(m.seed, Stream.INIT)
+    m.target.init_weights(g)
+    for layer in m.hypernet.hidden:
+        torch.rand(layer.weight.shape, generator=g), torch.rand(layer.bias.shape, generator=g)
+    return g
+
+
+def test_checkpoint_of_the_target_order_layout_resumes_the_same_training():
+    """A checkpoint written before the dense output layer was stored input-major (no
+    `output_layout`; A and Adam's moments in the target's order) resumes to the same samples and
+    the same next epoch as the one it was written from."""
+    from hypersweep.methods.hyper_ml import _input_major
+    m = _method(batch_size=64)
+    m.train_epoch()
+    state = copy.deepcopy(m.state_dict())  # as written to disk: no tensor shared with m
+    old = {k: v for k, v in state.items() if k != "output_layout"}
+    spec = m.target.spec
+    old["hypernet"] = {**state["hypernet"], "out.weight": _input_major(spec, state["hypernet"]["out.weight"], 0, True)}
+    index = [p is m.hypernet.out.weight for p in m.optim.param_groups[0]["params"]].index(True)
+    moments = state["optimizer"]["state"][index]
+    old["optimizer"] = {**state["optimizer"], "state": {**state["optimizer"]["state"], index: {
+        **moments, **{k: _input_major(spec, moments[k], 0, True) for k in ("exp_avg", "exp_avg_sq")}}}}
+    resumed = _method(batch_size=64, seed=1)
+    resumed.load_state_dict(old)
+    eps = torch.randn(4, m.hp["noise_dim"])
+    m.hypernet.eval(), resumed.hypernet.eval()
+    torch.testing.assert_close(resumed.hypernet(eps), m.hypernet(eps))
+    assert resumed.train_epoch() == pytest.approx(m.train_epoch(), rel=1e-5)
+    torch.testing.assert_close(resumed.hypernet.out.weight, m.hypernet.out.weight)
