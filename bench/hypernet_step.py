@@ -158,7 +158,7 @@ def _own_gemms_fraction(m) -> float:
     """hyper-ml's factorised MLP step (S = B) is three GEMMs per layer on A stored input-major
     (x A, x^T G, G A^T); their throughput alone at the step's shapes, as a fraction of the bound
     timed beside them, is the most the step's fraction can be: the ceiling of that goal."""
-    K, dims = m.hypernet.out.weight.shape[1], m.target.dims
+    K, dims = m.hypernet.out.K, m.target.dims
     mats = [(torch.randn(BATCH, d_in), torch.randn(d_in, d_out * K), torch.randn(BATCH, d_out * K))
             for d_in, d_out in zip(dims[:-1], dims[1:])]
 

@@ -15,9 +15,9 @@ around that one draw: each weight's std across samples is about 0.07 x its layer
 init's std (0.58 x bound). The likelihood then concentrates the cloud (the paper's Figure 2,
 logged as `weight_std`; `dead_units` tells a collapse by dead hypernet units apart).
 
-A is stored input-major (each weight matrix's block transposed, `_input_major`) for the MLP
-paths; it is drawn in the target's order, so a seed gives the weights it gave before, and a
-checkpoint written before (no `output_layout`) is converted when loaded.
+A is kept as one input-major block per target tensor (`DenseOutput`) for the MLP paths; it is
+drawn in the target's order, so a seed gives the weights it gave before, and a checkpoint of the
+earlier single (P, K) parameter (`out.weight`) is converted when loaded, Adam's moments too.
 
 `output_rank` r > 0 replaces the dense output layer by `LowRankOutput` (not the paper's layer:
 an option for speed; its accuracy beside the dense layer's: bench/results/fidelity.md).
@@ -36,9 +36,6 @@ from hypersweep.methods.hparams import HParam
 from hypersweep.methods.losses import task_loss
 from hypersweep.methods.targets import MLP, ParamSpec, TargetNet, sample_dropout
 from hypersweep.methods.tuned import inv_softplus
-
-
-INPUT_MAJOR = "input-major"  # a checkpoint's dense output layer layout (none recorded: the target's order)
 
 
 def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
@@ -65,21 +62,6 @@ def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -
     return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
 
 
-def _input_major(spec: ParamSpec, t: torch.Tensor, dim: int, inverse: bool = False) -> torch.Tensor:
-    """The dense output layer keeps each weight matrix (rows, cols...) input-major, as its
-    transpose (cols, rows), so the MLP path contracts the inputs with A as stored (the output-side
-    contraction, `_dense_apply`). Entries of `t` along `dim` in the target's order -> that storage
-    order; `inverse`: back. Vectors (biases) keep their order."""
-    parts = []
-    for part, shape in zip(torch.split(t, spec.sizes, dim), spec.shapes):
-        if len(shape) > 1:
-            rows, cols = shape[0], part.shape[dim] // shape[0]
-            part = part.unflatten(dim, (cols, rows) if inverse else (rows, cols)).transpose(dim, dim + 1)
-            part = part.flatten(dim, dim + 1)
-        parts.append(part)
-    return torch.cat(parts, dim)
-
-
 def _dense_apply(A_in: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sum_k h_k A_k z for a dense block stored input-major, A_in (in, out * K): z A_in holds
     every A_k z (out x K numbers per example, one GEMM on A as stored), then each example's
@@ -88,6 +70,52 @@ def _dense_apply(A_in: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.
     n = z.shape[1]
     per_code = (z @ A_in).view(S, n * (A_in.shape[1] // K), K)
     return torch.bmm(per_code, h.unsqueeze(-1)).view(S, n, -1)
+
+
+class DenseOutput(nn.Module):
+    """The paper's output layer A (P, K), U(+-1/sqrt(K)), as one parameter per target tensor:
+    a weight matrix's block (rows, cols...) input-major, as (cols, rows * K); a vector's as (size,
+    K). Input-major, the MLP paths contract their inputs with a block as stored (`apply`) and
+    take a built block as W^T (`built`); one parameter per block, the backward leaves each
+    block's gradient where it is made (one (P, K) parameter split per step had its gradient
+    concatenated: 7 % of the S = B = 256 step). A is drawn as one (P, K) draw in the target's
+    order, as before the blocks, so a seed gives the weights it gave then."""
+
+    def __init__(self, spec: ParamSpec, K: int, generator: torch.Generator):
+        super().__init__()
+        self.spec, self.K = spec, K
+        drawn = (torch.rand((spec.flat_size, K), generator=generator) * 2 - 1) * (1.0 / math.sqrt(K))
+        self.blocks = nn.ParameterList(self.blocks_of(spec, drawn))
+
+    @staticmethod
+    def blocks_of(spec: ParamSpec, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A (P, K) tensor in the target's order (the layer, or Adam's moments of it, as one
+        parameter) -> the blocks, new tensors."""
+        blocks = []
+        for part, shape in zip(torch.split(flat, spec.sizes), spec.shapes):
+            if len(shape) > 1:  # (rows, cols, K) -> (cols, rows, K)
+                blocks.append(part.unflatten(0, (shape[0], -1)).transpose(0, 1).reshape(-1, shape[0] * flat.shape[1]))
+            else:
+                blocks.append(part.clone())
+        return blocks
+
+    def block(self, i: int) -> tuple[torch.Tensor, ...]:
+        return (self.blocks[i],)
+
+    def apply(self, i: int, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum_k h_k A_k z for matrix i: h (S, K), z (S, n, cols) -> (S, n, rows)."""
+        return _dense_apply(self.blocks[i], h, z)
+
+    def built(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Tensor i's part of A h: (S, cols, rows), W^T, for a matrix; (S, size) for a vector."""
+        A = self.blocks[i]
+        generated = h @ A.view(-1, self.K).T
+        return generated.view(len(h), A.shape[0], -1) if len(self.spec.shapes[i]) > 1 else generated
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """A h: (S, K) -> (S, P) in the target's order."""
+        parts = (self.built(i, h) for i in range(len(self.blocks)))
+        return torch.cat([p.transpose(1, 2).reshape(len(h), -1) if p.dim() == 3 else p for p in parts], 1)
 
 
 class LowRankOutput(nn.Module):
@@ -147,14 +175,8 @@ class HyperNet(nn.Module):
                 bound = 1.0 / math.sqrt(layer.in_features)
                 layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)
                 layer.bias.copy_((torch.rand(layer.bias.shape, generator=generator) * 2 - 1) * bound)
-        if output_rank:
-            self.out = LowRankOutput(target.spec, dims[-1], output_rank, generator)
-        else:  # the paper's layer: A (P, K), U(+-1/sqrt(K)), drawn in the target's order, stored input-major
-            self.out = nn.Linear(dims[-1], target.spec.flat_size, bias=False)
-            with torch.no_grad():
-                drawn = _uniform(self.out.weight.shape, 1.0 / math.sqrt(dims[-1]), generator)
-                self.out.weight.copy_(_input_major(target.spec, drawn, 0))
-        self.spec = target.spec
+        self.out = (LowRankOutput(target.spec, dims[-1], output_rank, generator) if output_rank
+                    else DenseOutput(target.spec, dims[-1], generator))
 
     def code(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The last hidden layer h (S, K); the weights are base + bound * (A h)."""
@@ -164,10 +186,7 @@ class HyperNet(nn.Module):
         return h
 
     def forward(self, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        generated = self.out(self.code(eps, generator))
-        if not self.output_rank:
-            generated = _input_major(self.spec, generated, 1, inverse=True)
-        return self.base + self.bound * generated
+        return self.base + self.bound * self.out(self.code(eps, generator))
 
     def forward_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The MLP target with the weights of codes h (S, K) on x (S, n, ...), without building
@@ -180,20 +199,15 @@ class HyperNet(nn.Module):
         S = B = 256, 2 cores, steps timed in turn). A `LowRankOutput` applies its factors instead
         (B x (in + out) x K r)."""
         S = h.shape[0]
-        sizes = target.spec.sizes
-        # One split (its backward is one concatenation; slicing would zero-fill a P x K
+        # One split (its backward is one concatenation; slicing would zero-fill a P-sized
         # gradient per slice).
-        base, bounds = (torch.split(t, sizes) for t in (self.base, self.bound))
-        dense = torch.split(self.out.weight, sizes) if not self.output_rank else None
+        base, bounds = (torch.split(t, target.spec.sizes) for t in (self.base, self.bound))
         z = x.reshape(S, x.shape[1], -1)
         n_layers = len(target.dims) - 1
         for i, (d_in, d_out) in enumerate(zip(target.dims[:-1], target.dims[1:])):
             w0, b0 = base[2 * i], base[2 * i + 1]
             bound = bounds[2 * i][0]  # one init bound per layer (weights and bias)
-            if dense is not None:
-                A_wz, A_b = _dense_apply(dense[2 * i].view(d_in, -1), h, z), dense[2 * i + 1]
-            else:
-                A_wz, A_b = self.out.apply(2 * i, h, z), self.out.block(2 * i + 1)[0]
+            A_wz, A_b = self.out.apply(2 * i, h, z), self.out.block(2 * i + 1)[0]
             y = z @ w0.reshape(d_out, d_in).T + bound * A_wz
             z = y + (b0 + bound * (h @ A_b.T)).unsqueeze(1)
             if i < n_layers - 1:
@@ -202,16 +216,18 @@ class HyperNet(nn.Module):
 
 
     def built_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The MLP target with the (S, P) weights of codes h (S, K) on x (S, n, ...), built in the
-        dense layer's input-major order: each layer takes its stored (in, out) block as W^T, so
-        the weights are never put back in the target's order (a copy of S x P numbers)."""
+        """The MLP target with the (S, P) weights of codes h (S, K) on x (S, n, ...), built as
+        the dense layer's blocks are stored: each layer's W^T (S, in, out) is used as it is made,
+        never put back in the target's order (a copy of S x P numbers)."""
         S = h.shape[0]
-        weights = _input_major(self.spec, self.base, 0) + self.bound * self.out(h)
-        parts = torch.split(weights, self.spec.sizes, 1)
+        base, bounds = (torch.split(t, target.spec.sizes) for t in (self.base, self.bound))
         z = x.reshape(S, x.shape[1], -1)
         n_layers = len(target.dims) - 1
         for i, (d_in, d_out) in enumerate(zip(target.dims[:-1], target.dims[1:])):
-            z = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), z, parts[2 * i].view(S, d_in, d_out))
+            bound = bounds[2 * i][0]
+            w_t = base[2 * i].view(d_out, d_in).T + bound * self.out.built(2 * i, h)
+            b = base[2 * i + 1] + bound * self.out.built(2 * i + 1, h)
+            z = torch.baddbmm(b.unsqueeze(1), z, w_t)
             if i < n_layers - 1:
                 z = torch.relu(z)
         return z
@@ -278,28 +294,44 @@ class HyperML(GenerativeMethod):
                 "noise_scale": float(F.softplus(self.hypernet.noise_scale)), "dead_units": self.dead_units()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"hypernet": self.hypernet.state_dict(), "input_noise": self.input_noise.detach().clone(),
-                "output_layout": INPUT_MAJOR}
-
-    def _stored_out_major(self, state: Mapping[str, Any]) -> bool:
-        """A checkpoint written before the dense output layer was stored input-major."""
-        return not self.hp["output_rank"] and state.get("output_layout") != INPUT_MAJOR
+        return {"hypernet": self.hypernet.state_dict(), "input_noise": self.input_noise.detach().clone()}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         hypernet = state["hypernet"]
-        if self._stored_out_major(state):
-            hypernet = {**hypernet, "out.weight": _input_major(self.target.spec, hypernet["out.weight"], 0)}
+        if "out.weight" in hypernet:  # written when the dense layer was one (P, K) parameter
+            blocks = DenseOutput.blocks_of(self.target.spec, hypernet["out.weight"])
+            hypernet = {**{k: v for k, v in hypernet.items() if k != "out.weight"},
+                        **{f"out.blocks.{i}": block for i, block in enumerate(blocks)}}
         self.hypernet.load_state_dict(hypernet)
         with torch.no_grad():
             self.input_noise.copy_(state["input_noise"])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "out.weight" in state["hypernet"]:
+            state = {**state, "optimizer": self._optimizer_state_of_blocks(state["optimizer"])}
         super().load_state_dict(state)
-        if self._stored_out_major(state):  # Adam's moments of the output layer, in its order too
-            moments = self.optim.state[self.hypernet.out.weight]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in moments:
-                    moments[key] = _input_major(self.target.spec, moments[key], 0)
+
+    def _optimizer_state_of_blocks(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Adam's state from when the dense layer was one (P, K) parameter: that parameter's
+        entry becomes one per block (its moments split as the layer is), later ones shift."""
+        first = [name for name, _ in self.hypernet.named_parameters()].index("out.blocks.0")
+        n = len(self.hypernet.out.blocks)
+
+        def indices(i: int) -> list[int]:
+            return list(range(first, first + n)) if i == first else [i if i < first else i + n - 1]
+        state = {}
+        for i, entry in saved["state"].items():
+            if i != first:
+                state[indices(i)[0]] = entry
+                continue
+            moments = {k: DenseOutput.blocks_of(self.target.spec, entry[k]) for k in ("exp_avg", "exp_avg_sq")
+                       if k in entry}
+            for b, index in enumerate(indices(i)):
+                step = entry.get("step")
+                state[index] = {**entry, **{k: v[b] for k, v in moments.items()},
+                                **({"step": step.clone()} if torch.is_tensor(step) else {})}
+        groups = [{**g, "params": [j for i in g["params"] for j in indices(i)]} for g in saved["param_groups"]]
+        return {"state": state, "param_groups": groups}
 
 
 METHOD = HyperML
