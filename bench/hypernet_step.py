@@ -1,7 +1,8 @@
 """Time per training step of the hypernetwork methods and the STN, against three references
 measured in the same run:
   (a) the matmul bound: the step's floating-point work (torch's FlopCounterMode) divided by this
-      machine's dense matmul throughput (torch.mm, 2048 x 2048) -> "fraction of the bound";
+      machine's dense matmul throughput (torch.mm, 2048 x 2048, timed between the row's own steps,
+      since it drifts) -> "fraction of the bound";
   (b) a plain loop over the S weight samples, one generated weight vector and one
       torch.func.functional_call each, as the reference code and libraries do -> speed-up;
   (c) one plain sgd step on the same target and batch -> cost ratio.
@@ -156,9 +157,10 @@ def _beside_the_bound(fn, repeats: int = 5, n: int = 2048) -> tuple[float, float
 
 
 def _own_gemms_fraction(m) -> float:
-    """hyper-ml's factorised MLP step (S = B) is three GEMMs per layer on A stored input-major
-    (x A, x^T G, G A^T); their throughput alone at the step's shapes, as a fraction of the bound
-    timed beside them, is the most the step's fraction can be: the ceiling of that goal."""
+    """hyper-ml's factorised MLP step (S = B) does nearly all its FLOPs in three GEMMs per layer
+    on A stored input-major (x A, x^T G, G A^T); their throughput alone at the step's shapes, as a
+    fraction of the bound timed beside them, is about the most the step's fraction can be (the
+    rest, the base weights' GEMMs and the codes' bmm, is small): the ceiling of that goal."""
     K, dims = m.hypernet.out.K, m.target.dims
     mats = [(torch.randn(BATCH, d_in), torch.randn(d_in, d_out * K), torch.randn(BATCH, d_out * K))
             for d_in, d_out in zip(dims[:-1], dims[1:])]
@@ -167,6 +169,7 @@ def _own_gemms_fraction(m) -> float:
         for x, A, G in mats:
             x @ A, x.T @ G, G @ A.T
     flops = sum(3 * 2 * x.shape[0] * A.shape[0] * A.shape[1] for x, A, _ in mats)
+    gemms()
     t, bound = _beside_the_bound(gemms)
     return flops / t / 1e9 / bound
 

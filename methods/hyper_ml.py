@@ -51,7 +51,7 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
         HParam("factorised", 1, 0, 1, kind=int,
-               doc="MLP targets' fast paths (S = B: no (S, P) weights; S < B: weights in the dense layer's order)"),
+               doc="MLP targets' fast paths: no (S, P) weights (S = B, or low rank), else weights in the layer's order"),
         HParam("output_rank", 0, 0, 4096, kind=int,
                doc="0: the paper's dense output layer; r > 0: rank-r blocks per code unit (LowRankOutput)"),
     ]
@@ -84,7 +84,7 @@ class DenseOutput(nn.Module):
     def __init__(self, spec: ParamSpec, K: int, generator: torch.Generator):
         super().__init__()
         self.spec, self.K = spec, K
-        drawn = (torch.rand((spec.flat_size, K), generator=generator) * 2 - 1) * (1.0 / math.sqrt(K))
+        drawn = _uniform((spec.flat_size, K), 1.0 / math.sqrt(K), generator).detach()
         self.blocks = nn.ParameterList(self.blocks_of(spec, drawn))
 
     @staticmethod
@@ -324,8 +324,9 @@ class HyperML(GenerativeMethod):
             if i != first:
                 state[indices(i)[0]] = entry
                 continue
-            moments = {k: DenseOutput.blocks_of(self.target.spec, entry[k]) for k in ("exp_avg", "exp_avg_sq")
-                       if k in entry}
+            flat = (self.target.spec.flat_size, self.hypernet.out.K)  # moments: exp_avg, exp_avg_sq (, max_...)
+            moments = {k: DenseOutput.blocks_of(self.target.spec, v) for k, v in entry.items()
+                       if torch.is_tensor(v) and tuple(v.shape) == flat}
             for b, index in enumerate(indices(i)):
                 step = entry.get("step")
                 state[index] = {**entry, **{k: v[b] for k, v in moments.items()},

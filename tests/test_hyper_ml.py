@@ -57,13 +57,13 @@ def test_dead_units_of_the_hypernet():
 def test_one_weight_sample_per_example():
     for factorised in (0, 1):
         for samples, expected in ((0, (32, (32, 1))), (8, (8, (8, 4)))):
-            if factorised and samples:
-                continue  # S < B: the weights are built (cheaper), covered by factorised=0
             m = _method(batch_size=32, samples_per_step=samples, factorised=factorised)
             seen = []
-            if factorised:
-                original = m.hypernet.forward_mlp
-                m.hypernet.forward_mlp = lambda t, h, x: (seen.append((h.shape[0], x.shape[:2])), original(t, h, x))[1]
+            if factorised:  # S = B: without (S, P) weights; S < B: weights built in the dense layer's order
+                path = "built_mlp" if samples else "forward_mlp"
+                original = getattr(m.hypernet, path)
+                setattr(m.hypernet, path, lambda t, h, x, original=original: (
+                    seen.append((h.shape[0], x.shape[:2])), original(t, h, x))[1])
             else:
                 original = m.target.forward
                 m.target.forward = lambda w, x, **kw: (seen.append((w.shape[0], x.shape[:2])), original(w, x, **kw))[1]
@@ -164,10 +164,14 @@ def test_low_rank_output_builds_cnn_weights():
     torch.testing.assert_close(restored.hypernet(eps), m.hypernet(eps))
 
 
-def test_dense_output_layer_generates_the_weights_of_its_target_order_draw():
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_dense_output_layer_generates_the_weights_of_its_target_order_draw(kind):
     """The dense layer is stored input-major (for the MLP path's output-side contraction) but
-    drawn in the target's order: a seed gives the weights it gave before the layout changed."""
-    m = _method(hyper_hidden=[100, 50])
+    drawn in the target's order: a seed gives the weights it gave before the layout changed (a
+    conv kernel's block too: out x in k k)."""
+    splits = data.load("digits", seed=0)
+    net = build_target(kind, splits.input_shape, splits.n_outputs, **({"hidden": (32,)} if kind == "mlp" else {}))
+    m = HyperML(net, splits, {"hyper_hidden": [100, 50]}, seed=0)
     spec, K = m.target.spec, 50
     A = (torch.rand((spec.flat_size, K), generator=_init_generator(m)) * 2 - 1) / K ** 0.5
     m.hypernet.eval()
