@@ -357,6 +357,13 @@ def posterior_table(seeds: int, epochs: int, workers: int) -> tuple[list[dict], 
     return runs, "\n".join(lines) + "\n"
 
 
+def _recorded_commit(study_dir: Path) -> str | None:
+    """The commit the study directory says started it (runs.json's `code`), None if it does not."""
+    from hypersweep.orchestrator.studydir import StudyDir
+    code = StudyDir(study_dir).runs().get("code")
+    return (code[0].get("commit") or None) if isinstance(code, list) and code and isinstance(code[0], dict) else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run fidelity")
     parser.add_argument("--seeds", type=int, default=3)
@@ -375,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ml-last", type=int, default=5, help="hyper-ml: test errors averaged over the last K epochs")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="hyper-ml: output_rank values to check")
     parser.add_argument("--study-dir", type=Path, help="stn: a finished study of configs/stn-vs-bo-mnist5k-cnn.yaml")
-    parser.add_argument("--study-commit", help="stn: the commit whose code ran the study (a study does not record it)")
+    parser.add_argument("--study-commit", help="stn: the commit whose code ran the study (default: the one its "
+                        "runs.json records; studies from before 2026-12-04 do not)")
     parser.add_argument("--only", choices=("posterior", "diverse", "ml", "stn"), help="one table (the others are kept)")
     parser.add_argument("--keep-runs", action="store_true",
                         help="hyper-diverse: keep the recorded runs (each names its commit) in the tables and run "
@@ -445,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.study_dir is None:
             parser.error("--only stn needs --study-dir (a study of configs/stn-vs-bo-mnist5k-cnn.yaml)")
         record["stn"], table = stn_table(args.study_dir)
-        record["stn"]["study_commit"] = args.study_commit or old.get("stn", {}).get("study_commit")
+        record["stn"]["study_commit"] = (args.study_commit or _recorded_commit(args.study_dir)
+                                         or old.get("stn", {}).get("study_commit"))
         sections["stn"] = (
             f"## STN (MacKay et al. 2019): one tuning run against searches, at equal compute\n\n"
             f"Paper: PTB LSTM perplexities (val / test); its Table 1 tunes output dropout alone (a fixed value from "

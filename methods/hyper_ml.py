@@ -50,8 +50,8 @@ def hyperparameters(n_dropout_sites: int) -> dict[str, HParam]:
         HParam("noise_scale_init", 1.0, 1e-4, 100.0, doc="softplus scale of eps, learned"),
         HParam("input_noise_init", 0.5, 1e-4, 10.0, doc="softplus scale of input noise, learned"),
         HParam("eval_samples", 16, 1, 4096, kind=int),
-        HParam("factorised", 1, 0, 1, kind=int,
-               doc="MLP targets' fast paths: no (S, P) weights (S = B, or low rank), else weights in the layer's order"),
+        HParam("factorised", 1, 0, 1, kind=int, doc="MLP targets' fast paths: no (S, P) weights (S = B, or low "
+               "rank), else weights in the layer's order"),
         HParam("output_rank", 0, 0, 4096, kind=int,
                doc="0: the paper's dense output layer; r > 0: rank-r blocks per code unit (LowRankOutput)"),
     ]

@@ -367,8 +367,8 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
     Example:
       hypersweep compare studies/stn-vs-bo-digits-20261122-101500 --log-time
     """
-    from hypersweep.orchestrator.report import (anytime_curves, anytime_plot, arm_table, html_report, intro,
-                                                load_study_records, markdown)
+    from hypersweep.orchestrator.report import (anytime_curves, anytime_plot, arm_table, code_sentence, html_report,
+                                                intro, load_study_records, markdown)
     from hypersweep.orchestrator.studydir import CorruptFile
     loaded = []
     for d in study_dirs:
@@ -376,14 +376,14 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
         if not path.is_study():
             _bad_input(f"{path}: not a study directory (no study.yaml)")
         try:
-            df, arms, study = load_study_records(path)
+            (df, arms, study), meta = load_study_records(path), path.runs()
         except CorruptFile as e:
             _bad_input(str(e))
         if df.empty or "val_loss" not in df:
             _bad_input(f"{path}: no reports recorded yet")
-        loaded.append((path, df, arms, study))
+        loaded.append((path, df, arms, study, meta))
     texts = []
-    for path, df, arms, study in loaded:
+    for path, df, arms, study, meta in loaded:
         table, baseline = arm_table(df, arms, last_k)
         order = {a["name"]: i for i, a in enumerate(study["arms"])}  # the study file's order
         table = table.sort_values("arm", key=lambda col: col.map(order)).reset_index(drop=True)
@@ -396,14 +396,14 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
             how = f"one after another, each on the whole allocation ({b['workers']} worker slots)"
         else:
             how = f"concurrently, {b['workers'] // len(study['arms'])} of {b['workers']} worker slots each"
-        text = markdown(study["name"], table, baseline, b["seconds"], how, status)
+        code = code_sentence(meta.get("code"))
+        text = markdown(study["name"], table, baseline, b["seconds"], how, status, code)
         path.write_text(path.REPORT, text)
         curves = anytime_curves(df)
         with path.writing(path.ANYTIME) as local:
             anytime_plot(curves, local, title=study["name"], log_time=log_time, how=band)
-        path.write_text(path.REPORT_HTML, html_report(study["name"], intro(baseline, b["seconds"], how, status), table,
-                                                      curves, how=band))
-        meta = path.runs()
+        path.write_text(path.REPORT_HTML, html_report(study["name"], intro(baseline, b["seconds"], how, status, code),
+                                                      table, curves, how=band))
         tracker = _tracker_for(meta.get("tracking_uri"), tracking_uri, meta.get("parent_run_id"),
                                path.study_id) if use_mlflow else None
         if tracker is not None:

@@ -125,12 +125,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def intro(baseline: str | None, budget_s: float, schedule: str, status: str) -> str:
-    """The report's first line: budget, schedule, status and the baseline."""
+def intro(baseline: str | None, budget_s: float, schedule: str, status: str, code: str = "") -> str:
+    """The report's first line: budget, schedule, status, the baseline and (`code_sentence`) the
+    code that ran the study."""
     return (f"Compared at equal wall-clock budget: {budget_s:g} s per arm x seed on the same resources (a one-trial "
             f"arm gets every worker slot's CPUs, or one whole GPU); the CPU time each used is in its row. Arms ran "
             f"{schedule}; {status}. Baseline for 'time to baseline': "
-            f"{baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss.")
+            f"{baseline or 'none (no ' + '/'.join(BLACK_BOX) + ' arm)'}'s final median val_loss."
+            + (f" {code}" if code else ""))
+
+
+def code_sentence(records: Any) -> str:
+    """What code ran the study, from runs.json's `code` list (runner.code_record): "Code:
+    hypersweep V at commit C; resumed with ...". Empty where none was recorded (older studies)."""
+    records = [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    if not records:
+        return ""
+
+    def one(record: dict[str, Any]) -> str:
+        commit = str(record.get("commit") or "")[:12]
+        return (f"hypersweep {record.get('version') or 'unknown'}" + (f" at commit {commit}" if commit else "")
+                + (" with uncommitted changes" if record.get("dirty") == "true" else ""))
+    resumes = [one(r) for r in records[1:]]
+    return f"Code: {one(records[0])}" + (f"; resumed with {', '.join(resumes)}" if resumes else "") + "."
 
 
 def short_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -163,10 +180,10 @@ def short_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def markdown(study: str, table: pd.DataFrame, baseline: str | None, budget_s: float, schedule: str,
-             status: str) -> str:
+             status: str, code: str = "") -> str:
     """report.md: the intro, the arm table under short headers, and their legend."""
     short, legend = short_columns(table)
-    lines = [f"## {study}", "", intro(baseline, budget_s, schedule, status), "",
+    lines = [f"## {study}", "", intro(baseline, budget_s, schedule, status, code), "",
              "| " + " | ".join(short.columns) + " |", "|" + "---|" * len(short.columns)]
     for row in short.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")

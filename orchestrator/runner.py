@@ -299,9 +299,17 @@ def code_tags(root: Path | None = None) -> dict[str, str]:
     return tags
 
 
-def _study_tags(study: Study, study_dir: StudyDir) -> dict[str, str]:
+def code_record(at: str, tags: dict[str, str]) -> dict[str, str]:
+    """One execution's entry in runs.json's `code` list (what the study directory says of the
+    code that ran it, MLflow or not): `at` start or resume, when (UTC), and `code_tags`."""
+    return {"at": at, "utc": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+            "version": tags.get("hypersweep.version", ""), "commit": tags.get("mlflow.source.git.commit", ""),
+            "dirty": tags.get("hypersweep.git_dirty", "")}
+
+
+def _study_tags(study: Study, study_dir: StudyDir, code: dict[str, str]) -> dict[str, str]:
     return {"study_id": study_dir.study_id, "dataset": study.dataset.name, "kind": "study",
-            "mlflow.note.content": study_description(study, study_dir), **code_tags()}
+            "mlflow.note.content": study_description(study, study_dir), **code}
 
 
 def _study_params(study: Study, tracking_uri: str) -> dict:
@@ -351,11 +359,13 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     study_dir.create(study.to_yaml())
     units = plan(study)
     statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
+    code = code_tags()
     parent = tracker.start_run(parent_name(study), params=_study_params(study, tracking_uri),
-                               tags=_study_tags(study, study_dir))
+                               tags=_study_tags(study, study_dir, code))
     records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
                                                         "experiment_id": tracker.experiment_id,
-                                                        "parent_run_id": parent}, statuses)
+                                                        "parent_run_id": parent,
+                                                        "code": [code_record("start", code)]}, statuses)
     study_dir.write_runs(records.runs)
     with study_dir.reading(StudyDir.STUDY) as local:
         tracker.log_artifact(parent, local)
@@ -440,11 +450,12 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     if problem:
         raise StudyError(f"study {study.name!r}: {problem}")
     parent = runs.get("parent_run_id") or tracker.find_run(kind="study", study_id=study_dir.study_id)
+    code = code_tags()
     if parent is None:  # died before its parent run was recorded
         parent = tracker.start_run(parent_name(study), params=_study_params(study, uri),
-                                   tags=_study_tags(study, study_dir))
+                                   tags=_study_tags(study, study_dir, code))
     else:  # the code of this resume, beside the code that started the study
-        code = code_tags()  # every key, "" where this code has none (no stale value of an earlier resume)
+        # every key, "" where this code has none (no stale value of an earlier resume)
         resumed = {f"hypersweep.resumed_{key.rsplit('.', 1)[-1]}": code.get(key, "")
                    for key in ("hypersweep.version", "mlflow.source.git.commit", "hypersweep.git_dirty")}
         tracker.set_tags(parent, resumed)
@@ -452,7 +463,9 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())
         tracker.set_tags(parent, {"budget_seconds_resumed": study.budget.seconds})  # params cannot change
-    runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent})
+    runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent,
+                 "code": [*(runs.get("code") if isinstance(runs.get("code"), list) else []),
+                          code_record("resume", code)]})
     records = StudyRecords(study, study_dir, tracker, runs, statuses, resumed=True)
     study_dir.write_runs(records.runs)
     log.info("resuming %s (resume %d)", study_dir, resumes)

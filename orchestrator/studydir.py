@@ -12,7 +12,8 @@ the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
     results/<arm>__seed<k>.parquet one part per arm x seed, rewritten while it runs
     results/<arm>__seed<k>.jsonl   its journal: every report appended as it arrives
     results.parquet                all parts, consolidated
-    runs.json                      arm/seed -> MLflow run ids (and the tracking URI)
+    runs.json                      arm/seed -> MLflow run ids (and the tracking URI); `code`: the
+                                   code of each execution (version, commit; start, resumes)
     arms.json                      status and wall time used per arm x seed
     summary.md                     the summary table
     plots/                         hyperparameter schedules

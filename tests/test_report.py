@@ -130,6 +130,9 @@ def test_compare_writes_report_and_plot(searched):
     report = (study_dir / "report.md").read_text()
     assert "| arm | search | seeds | val_loss | IQR | test_error | t_base | reached | wall | CPU | trials |" in report
     assert "finished" in report and "- **val_loss**: final best validation loss, median over seeds" in report
+    code = json.loads((study_dir / "runs.json").read_text())["code"]  # the code that ran it, named in the report
+    assert [c["at"] for c in code] == ["start"] and code[0]["version"]
+    assert f"Code: hypersweep {code[0]['version']}" in report and code[0]["commit"][:12] in report
     assert f"browse it: hypersweep ui {study_dir}" in r.output  # (a sqlite store: no server to link to yet)
     assert all(f"| {arm} |" in report for arm in ("grid", "random", "tpe", "gp", "asha", "pbt"))
     # narrow enough for MLflow's artifact pane: no table line over 100 characters
@@ -172,3 +175,13 @@ def test_concurrent_schedule_runs_arms_side_by_side(tmp_path, ray_session):
         assert (trials["min"].iloc[1:].to_numpy() >= trials["max"].iloc[:-1].to_numpy() - 1.0).all()
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "sd"), "--no-mlflow"])
     assert "concurrently, 1 of 2 worker slots each" in r.output
+
+
+def test_code_sentence_names_the_code_of_each_execution():
+    from hypersweep.orchestrator.report import code_sentence
+    start = {"at": "start", "version": "0.3.0", "commit": "0123456789abcdef", "dirty": "false"}
+    resume = {"at": "resume", "version": "0.3.1", "commit": "", "dirty": ""}
+    assert code_sentence([start]) == "Code: hypersweep 0.3.0 at commit 0123456789ab."
+    assert code_sentence([{**start, "dirty": "true"}, resume]) == (
+        "Code: hypersweep 0.3.0 at commit 0123456789ab with uncommitted changes; resumed with hypersweep 0.3.1.")
+    assert code_sentence(None) == code_sentence([]) == code_sentence("x") == ""  # older studies: not recorded

@@ -115,6 +115,8 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
     parent = next(r for r in runs if r.data.tags.get("kind") == "study")
     assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "1"
     assert parent.data.tags["hypersweep.resumed_version"] == parent.data.tags["hypersweep.version"]
+    code = json.loads((sd / "runs.json").read_text())["code"]  # the study directory names each execution's code
+    assert [c["at"] for c in code] == ["start", "resume"] and code[1]["version"] == code[0]["version"]
     trials = Counter((r.data.tags["mlflow.parentRunId"], r.data.tags["trial_id"]) for r in runs
                      if r.data.tags.get("kind") == "trial")
     assert trials and max(trials.values()) == 1, "a trial with two runs"
