@@ -69,9 +69,10 @@ def _hypersweep(study, folder: Path) -> dict:
 def slot_seconds(df, arms: dict, slots: int) -> dict[str, float]:
     """Where the arms' slot-seconds (wall x slots) went, from the trials' reports (each carries
     the arm's clock at its arrival, `arm_time_s`, and the trial's own since its set-up,
-    `wall_time_s`): inside steps (training and evaluation), in trials between their steps (Tune's
-    report round trip, checkpoints), before the arm's first trial had set up (Tune's and Ray's
-    start, the actor's start, the trial's set-up), after the arm's last report, and the rest
+    `wall_time_s`): inside steps (training and evaluation), in trials outside their steps: from the
+    trial's set-up to its first step (a fresh actor's first set-up: imports, data; ~0 on a reused
+    one) and between its reports (Tune's round trip, checkpoints), before the arm's first trial had
+    set up (Tune's and Ray's start, the actor's start), after the arm's last report, and the rest
     (between one trial's last report and the next one's set-up on a slot, idle slots). Tune's
     own callbacks would date trial starts by when the busy driver got to them, not when they
     happened."""
@@ -81,8 +82,11 @@ def slot_seconds(df, arms: dict, slots: int) -> dict[str, float]:
     started = (first.arm_time_s - first.wall_time_s).groupby(level=["arm", "seed_index"]).min()
     used = {(a["arm"], a["seed_index"]): a["wall_time_used_s"] for a in arms.values()}
     ended = last.arm_time_s.groupby(level=["arm", "seed_index"]).max()
+    between = last.wall_time_s - trials.step_time_s.sum()  # a trial's own time outside its steps
+    to_first = first.wall_time_s - first.step_time_s  # of which: its set-up until its first step began
     parts = {"inside steps": float(df.step_time_s.sum()),
-             "in trials, between steps": float((last.wall_time_s - trials.step_time_s.sum()).sum()),
+             "in trials: set-up to first step": float(to_first.sum()),
+             "in trials: between reports": float((between - to_first).sum()),
              "before the first trial": float(started.clip(lower=0).sum()) * slots,
              "after the last report": sum(used[k] - float(t) for k, t in ended.items() if k in used) * slots}
     parts["rest: between trials, idle slots"] = total - sum(parts.values())
