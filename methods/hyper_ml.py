@@ -214,7 +214,6 @@ class HyperNet(nn.Module):
                 z = torch.relu(z)
         return z
 
-
     def built_mlp(self, target: MLP, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The MLP target with the (S, P) weights of codes h (S, K) on x (S, n, ...), built as
         the dense layer's blocks are stored: each layer's W^T (S, in, out) is used as it is made,
@@ -316,6 +315,7 @@ class HyperML(GenerativeMethod):
         entry becomes one per block (its moments split as the layer is), later ones shift."""
         first = [name for name, _ in self.hypernet.named_parameters()].index("out.blocks.0")
         n = len(self.hypernet.out.blocks)
+        flat = (self.target.spec.flat_size, self.hypernet.out.K)  # the layer's moments (exp_avg, exp_avg_sq, ...)
 
         def indices(i: int) -> list[int]:
             return list(range(first, first + n)) if i == first else [i if i < first else i + n - 1]
@@ -324,11 +324,10 @@ class HyperML(GenerativeMethod):
             if i != first:
                 state[indices(i)[0]] = entry
                 continue
-            flat = (self.target.spec.flat_size, self.hypernet.out.K)  # moments: exp_avg, exp_avg_sq (, max_...)
             moments = {k: DenseOutput.blocks_of(self.target.spec, v) for k, v in entry.items()
                        if torch.is_tensor(v) and tuple(v.shape) == flat}
+            step = entry.get("step")  # one tensor per block: fused Adam adds to each in place
             for b, index in enumerate(indices(i)):
-                step = entry.get("step")
                 state[index] = {**entry, **{k: v[b] for k, v in moments.items()},
                                 **({"step": step.clone()} if torch.is_tensor(step) else {})}
         groups = [{**g, "params": [j for i in g["params"] for j in indices(i)]} for g in saved["param_groups"]]

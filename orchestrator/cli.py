@@ -417,8 +417,7 @@ def compare(study_dirs, log_time, band, last_k, use_mlflow, tracking_uri) -> Non
         texts.append(text)
         click.echo(text)
     click.echo(f"written: {', '.join(f'{p[0]}/{p[0].REPORT}' for p in loaded)} (+ report.html, anytime.png)")
-    for path, *_ in loaded:  # where to look at it: the links `run` printed, or the UI command
-        meta = path.runs()
+    for path, *_, meta in loaded:  # where to look at it: the links `run` printed, or the UI command
         uri = tracking_uri or meta.get("tracking_uri") or ""
         if use_mlflow and uri.startswith(("http://", "https://")):
             from hypersweep.orchestrator.ui import study_links
