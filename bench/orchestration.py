@@ -1,9 +1,9 @@
 """Share of the budget spent inside training steps, for a study of two random-search arms on 2
 worker slots, with trials of about 2 s and of about 30 s (reports every ~1 s; the 30 s trials
 also every ~5 s): hypersweep (`run_study`, budget, records, MLflow) against Ray Tune driving the
-same trainable and search directly in the same run (Tuner with time_budget_s, no callbacks). Share = sum of the trials' step_time_s /
-(wall time x worker slots). Targets: at least 90% for 30 s trials; hypersweep's overhead
-within 5% of plain Tune's.
+same trainable and search directly in the same run (Tuner with time_budget_s, no callbacks).
+Share = sum of the trials' step_time_s / (wall time x worker slots). Targets: at least 90% for
+30 s trials; hypersweep's overhead within 5% of plain Tune's.
 
     python -m bench.run orchestration
 """
