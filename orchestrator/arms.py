@@ -10,6 +10,7 @@ from typing import Any
 
 from hypersweep.orchestrator.budget import Clock
 from hypersweep.orchestrator.ensembles import run_ensemble
+from hypersweep.orchestrator.lease import LeaseLost
 from hypersweep.orchestrator.planning import ArmSeed, replay_schedule, trial_config
 from hypersweep.orchestrator.plots import schedule_plot
 from hypersweep.orchestrator.progress import ArmStatus
@@ -100,20 +101,26 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
         ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue), **resume)
         running.append((recorder, queue, ref))
 
-    while running:
-        if INTERRUPTED.is_set():  # SIGINT/SIGTERM or a full study directory: stop as a crash would
-            _cancel(running)
-            return
-        for item in list(running):
-            recorder, queue, ref = item
-            _drain(queue, recorder)
-            done, _ = ray.wait([ref], timeout=0.1)
-            if done:
-                outcome = ray.get(ref)
+    try:
+        while running:
+            if INTERRUPTED.is_set():  # SIGINT/SIGTERM, a full study directory, a lost lease: stop as a crash would
+                _cancel(running)
+                return
+            for item in list(running):
+                recorder, queue, ref = item
                 _drain(queue, recorder)
-                finish_arm(recorder, outcome)
-                ray.kill(queue.actor)
-                running.remove(item)
+                done, _ = ray.wait([ref], timeout=0.1)
+                if done:
+                    outcome = ray.get(ref)
+                    _drain(queue, recorder)
+                    finish_arm(recorder, outcome)
+                    ray.kill(queue.actor)
+                    running.remove(item)
+    except LeaseLost:  # another coordinator has the study: its Tune experiments end here, unrecorded
+        for _, queue, ref in running:
+            ray.cancel(ref, force=True)
+            ray.kill(queue.actor)
+        raise
 
 
 def _drain(queue, recorder: Recorder) -> None:
@@ -130,13 +137,14 @@ def _cancel(running: list) -> None:
     """End the arms' Tune experiments now (their Ray tasks killed, their trials with them), as
     a crash of the coordinator would: `resume` restores each from its last saved state."""
     import ray
+    for _, _, ref in running:
+        ray.cancel(ref, force=True)
     error = None
     for recorder, queue, ref in running:
-        ray.cancel(ref, force=True)
-        _drain(queue, recorder)  # (the queue is an actor of its own: the task's end leaves it)
         try:
+            _drain(queue, recorder)  # (the queue is an actor of its own: the task's end leaves it)
             finish_arm(recorder, None)
-        except Unwritable as err:
+        except (Unwritable, LeaseLost) as err:
             error = error or err
         else:
             recorder.ctx.status.status = "interrupted"

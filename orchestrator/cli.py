@@ -100,6 +100,7 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     if target.exists() or link:
         _bad_input(f"--study-dir {target} already exists{' (a symbolic link)' if link else ''}; records are never "
                    "overwritten, choose a new directory")
+    from hypersweep.orchestrator.lease import LeaseHeld, LeaseLost
     from hypersweep.orchestrator.runner import StudyInterrupted
     from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
@@ -107,8 +108,10 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     _leave_job_folder()
     try:
         statuses = run_study(study, target, tracking_uri=uri, address=address, live=live)
-    except (StudyError, TrackingUnavailable) as e:  # MLflow away at the start: nothing written yet
+    except (StudyError, TrackingUnavailable, LeaseHeld) as e:  # MLflow away at the start: nothing written yet
         _bad_input(str(e))
+    except LeaseLost as e:
+        _lease_lost(e)
     except StudyInterrupted:
         _interrupted(target)
     except Unwritable as e:
@@ -164,6 +167,12 @@ def _interrupted(study_dir) -> None:
     sys.exit(130)
 
 
+def _lease_lost(err: Exception) -> None:
+    _shutdown_ray()
+    click.echo(f"hypersweep: error: {err}", err=True)
+    sys.exit(1)
+
+
 def _unwritable(study_dir, err: OSError) -> None:
     _shutdown_ray()
     click.echo(f"hypersweep: error: the study directory stopped taking writes ({err.strerror}); the study stopped "
@@ -195,27 +204,50 @@ def _shutdown_ray() -> None:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the one the study recorded in runs.json).")
 @click.option("--data-root", help="Override dataset.root for file-based data sets.")
 @click.option("--live/--no-live", default=True, help="Live progress table (default on).")
-def resume(study_dir, budget_s, address, tracking_uri, data_root, live) -> None:
+@click.option("--break-lease", is_flag=True, help="Take the study over from a coordinator that still looks alive "
+              "(its heartbeat is recent): it stops at its next heartbeat without writing more. Asks first.")
+@click.option("--yes", "-y", is_flag=True, help="With --break-lease: do not ask.")
+def resume(study_dir, budget_s, address, tracking_uri, data_root, live, break_lease, yes) -> None:
     """Continue a study whose coordinator died or was stopped (SIGKILL, Ctrl-C, a closed
     terminal, a lost head node): finished arms are kept, the interrupted arm's Tune experiment
     is restored from its checkpoints and charged the wall time it had used, the remaining arms
     run, and the same MLflow runs continue.
 
+    One coordinator per study: a study another coordinator holds (its lease has a recent
+    heartbeat) is refused; a dead one's lease is taken over at once on its host, after 60 s
+    without a heartbeat from another.
+
     \b
     Example:
       hypersweep resume studies/quickstart-20261123-101500
+      hypersweep resume /shared/studies/qs --break-lease   # its old head is unreachable
     """
+    from hypersweep.orchestrator.lease import LeaseHeld, LeaseLost
     from hypersweep.orchestrator.runner import StudyInterrupted, resume_study
     from hypersweep.orchestrator.study import StudyError
     from hypersweep.orchestrator.studydir import CorruptFile, Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
+    if yes and not break_lease:
+        _bad_input("--yes goes with --break-lease")
     target = _study_dir(study_dir, "STUDY_DIR")
     _leave_job_folder()
+
+    def take_over(holder, description: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            _bad_input(f"{target} is held by another coordinator: {description}; --break-lease needs --yes "
+                       "where there is no terminal to ask")
+        return click.confirm(f"{target} is held by {description}. Take it over? That coordinator stops at its next "
+                             "heartbeat without writing more", err=True)
+
     try:
         statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
-                                budget_s=budget_s, live=live)
-    except (StudyError, TrackingUnavailable, CorruptFile) as e:
+                                budget_s=budget_s, live=live, take_over=take_over if break_lease else None)
+    except (StudyError, TrackingUnavailable, CorruptFile, LeaseHeld) as e:
         _bad_input(str(e))
+    except LeaseLost as e:
+        _lease_lost(e)
     except StudyInterrupted:
         _interrupted(target)
     except Unwritable as e:
@@ -711,9 +743,11 @@ _ADDRESS_HELP = "The cluster's dashboard, http://HEAD:8265 (default: RAY_API_SER
 @click.option("--upload-data", type=click.Path(exists=True, file_okay=False),
               help="Send this local data folder with the job (small data only) and use it as the data root.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As `run`.")
+@click.option("--break-lease", is_flag=True, help="With --resume: take the study over from a coordinator that still "
+              "looks alive (as `resume --break-lease --yes`).")
 @click.option("--follow", is_flag=True, help="Then print the job's log until it ends (as `hypersweep logs --follow`).")
 def submit(study_file, address, study_dir, resume_dir, budget_s, seeds, tracking_uri, data_root, upload_data, sets,
-           follow) -> None:
+           break_lease, follow) -> None:
     """Run a study on a running Ray cluster as a Ray Job: its coordinator runs on the head,
     records go to --study-dir on the cluster's storage; prints the job id and returns.
 
@@ -731,10 +765,13 @@ def submit(study_file, address, study_dir, resume_dir, budget_s, seeds, tracking
     options = [*(["--budget-s", repr(budget_s)] if budget_s is not None else []),
                *(["--tracking-uri", tracking_uri] if tracking_uri else []),
                *(["--data-root", data_root] if data_root else [])]
+    if break_lease and not resume_dir:
+        _bad_input("--break-lease goes with --resume STUDY_DIR")
     if resume_dir:
         if study_file or seeds is not None or sets or study_dir:
             _bad_input("--resume STUDY_DIR continues a recorded study: no study file, --study-dir, --seeds or --set")
         name, target = None, resume_dir
+        options += ["--break-lease", "--yes"] if break_lease else []
     else:
         if not study_file:
             _bad_input("give a study file to run, or --resume STUDY_DIR to continue one")

@@ -18,6 +18,7 @@ MLflow runs continue.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from typing import Any, Callable
 from hypersweep.methods.data import task_of
 from hypersweep.orchestrator.arms import run_arm, run_concurrent
 from hypersweep.orchestrator.budget import Clock
+from hypersweep.orchestrator.lease import Holder, Lease, LeaseLost
 from hypersweep.orchestrator.planning import ArmSeed, plan
 from hypersweep.orchestrator.progress import ArmStatus, ProgressView, quality_columns, summary_markdown, summary_table
 from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
@@ -349,27 +351,38 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
               data_root: str | None = None, clock: Clock = time.monotonic, console=None,
               live: bool = True) -> list[ArmStatus]:
     """Run every arm x seed of `study` into `study_dir` (which must not exist yet); returns
-    their statuses (the summary). Raises StudyInterrupted after SIGINT/SIGTERM."""
-    init_ray(address)
-    problem = check_resources(study)
-    if problem:
-        raise StudyError(f"study {study.name!r}: {problem}")
-    tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)  # before anything is written
-    study = study.pinned()  # what the study trains, whatever later versions' defaults are (Study.pinned)
-    study_dir.create(study.to_yaml())
-    units = plan(study)
-    statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
-    code = code_tags()
-    parent = tracker.start_run(parent_name(study), params=_study_params(study, tracking_uri),
-                               tags=_study_tags(study, study_dir, code))
-    records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
-                                                        "experiment_id": tracker.experiment_id,
-                                                        "parent_run_id": parent,
-                                                        "code": [code_record("start", code)]}, statuses)
-    study_dir.write_runs(records.runs)
-    with study_dir.reading(StudyDir.STUDY) as local:
-        tracker.log_artifact(parent, local)
-    return _execute(records, units, data_root, clock, _console(console), live)
+    their statuses (the summary). Raises StudyInterrupted after SIGINT/SIGTERM, LeaseHeld when
+    another coordinator is creating the same directory, LeaseLost when one took it over."""
+    lease = Lease(study_dir, on_lost=INTERRUPTED.set)
+    lease.acquire(new_study=True)  # of two `run`s into one new directory, exactly one gets here
+    try:
+        init_ray(address)
+        problem = check_resources(study)
+        if problem:
+            raise StudyError(f"study {study.name!r}: {problem}")
+        tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)  # before anything is written
+    except BaseException:
+        lease.release()
+        with contextlib.suppress(OSError):
+            study_dir.delete("")  # only the lease was there: bad input leaves nothing behind
+        raise
+    study_dir.guard = tracker.guard = lease.guard
+    with lease:
+        study = study.pinned()  # what the study trains, whatever later versions' defaults are (Study.pinned)
+        study_dir.create(study.to_yaml())
+        units = plan(study)
+        statuses = [ArmStatus(u.arm.name, u.seed_index, study.budget.seconds) for u in units]
+        code = code_tags()
+        parent = tracker.start_run(parent_name(study), params=_study_params(study, tracking_uri),
+                                   tags=_study_tags(study, study_dir, code))
+        records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
+                                                            "experiment_id": tracker.experiment_id,
+                                                            "parent_run_id": parent,
+                                                            "code": [code_record("start", code)]}, statuses)
+        study_dir.write_runs(records.runs)
+        with study_dir.reading(StudyDir.STUDY) as local:
+            tracker.log_artifact(parent, local)
+        return _execute(records, units, data_root, clock, _console(console), live)
 
 
 def load_study_dir(study_dir: StudyDir, budget_s: float | None = None) -> Study:
@@ -388,15 +401,10 @@ def load_study_dir(study_dir: StudyDir, budget_s: float | None = None) -> Study:
     return study
 
 
-def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, address: str | None = None,
-                 data_root: str | None = None, budget_s: float | None = None, clock: Clock = time.monotonic,
-                 console=None, live: bool = True) -> list[ArmStatus] | None:
-    """Carry on a study whose coordinator died or was stopped. Returns None when there was
-    nothing left to do (every arm x seed had ended); raises StudyError on a directory that is
-    not a study or whose study no longer validates."""
-    study = load_study_dir(study_dir, budget_s)
-    recorded_budget = load_study_dir(study_dir).budget.seconds
-    units = plan(study)
+def recorded_statuses(study_dir: StudyDir, study: Study, units: list[ArmSeed]) -> list[ArmStatus]:
+    """Each arm x seed as arms.json left it: an arm the coordinator died under is interrupted
+    (its interruption counted), and with a longer budget than recorded, the arms that ran out
+    the old one are extending."""
     recorded = study_dir.arms()
     statuses = []
     for u in units:
@@ -423,9 +431,45 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         if s.status == "done" and s.budget_s < study.budget.seconds and s.wall_time_used_s >= 0.98 * s.budget_s:
             s.status, s.budget_s = "extending", study.budget.seconds
             s.extensions += 1
+    return statuses
+
+
+def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, address: str | None = None,
+                 data_root: str | None = None, budget_s: float | None = None, clock: Clock = time.monotonic,
+                 console=None, live: bool = True,
+                 take_over: Callable[[Holder, str], bool] | None = None) -> list[ArmStatus] | None:
+    """Carry on a study whose coordinator died or was stopped. Returns None when there was
+    nothing left to do (every arm x seed had ended); raises StudyError on a directory that is
+    not a study or whose study no longer validates, LeaseHeld while another coordinator holds
+    it (`take_over(holder, description)` True: take it over all the same), LeaseLost when
+    another one took it over from this one."""
+    study = load_study_dir(study_dir, budget_s)
+    units = plan(study)
+    lease = Lease(study_dir, on_lost=INTERRUPTED.set)
+    # A finished study stays finished: said so without taking the lease (nothing is written),
+    # unless a coordinator holds it (an extension under way, say)
+    if all(s.ended for s in recorded_statuses(study_dir, study, units)) and not study_dir.outbox():
+        lease.check_free()
+        return None
+    previous = lease.acquire(take_over=take_over)  # before anything is read for the resume
+    with lease:
+        study_dir.guard = lease.guard
+        console = _console(console)
+        if previous is not None and lease.held.took_over["why"] != "released":
+            console.print(f"took over the lease of {study_dir} from {previous.host} pid {previous.pid} "
+                          f"({lease.held.took_over['why']})", soft_wrap=True)
+        return _resume(study, study_dir, units, lease, tracking_uri=tracking_uri, address=address,
+                       data_root=data_root, clock=clock, console=console, live=live)
+
+
+def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Lease, *, tracking_uri: str | None,
+            address: str | None, data_root: str | None, clock: Clock, console, live: bool) -> list[ArmStatus] | None:
+    """resume_study, once this coordinator holds the study."""
+    recorded_budget = load_study_dir(study_dir).budget.seconds
+    statuses = recorded_statuses(study_dir, study, units)
     finished = all(s.ended for s in statuses)
     outbox = study_dir.outbox()
-    if finished and not outbox:
+    if finished and not outbox:  # (it ended between the look above and the lease)
         return None
     for s, u in zip(statuses, units):
         if s.ended:  # the summary shows them too
@@ -439,9 +483,10 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     if uri is None:
         raise StudyError(f"{study_dir}: {why_not}")
     tracker = Tracker(uri, study.tracking.experiment or study.name)
+    tracker.guard = lease.guard
     if outbox:
         sent = send_outbox(study_dir, tracker, runs, outbox)
-        _console(console).print(f"sent {sent} MLflow records the study had left unsent to {uri}")
+        console.print(f"sent {sent} MLflow records the study had left unsent to {uri}")
     if finished:
         return None
     runs = without_placeholders(runs)  # runs MLflow never made, or made but never said: found by tags
@@ -459,6 +504,12 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         resumed = {f"hypersweep.resumed_{key.rsplit('.', 1)[-1]}": code.get(key, "")
                    for key in ("hypersweep.version", "mlflow.source.git.commit", "hypersweep.git_dirty")}
         tracker.set_tags(parent, resumed)
+    took_over = lease.held.took_over
+    if took_over and took_over["why"] != "released":  # whose lease this resume took, and why
+        tag = "hypersweep.lease_broken" if took_over["why"] in ("broken", "unreadable") else "hypersweep.lease_taken_over"
+        tracker.set_tags(parent, {tag: f"generation {took_over['generation']}: {took_over.get('host', '?')} pid "
+                                       f"{took_over.get('pid', '?')} ({took_over['why']}) at "
+                                       f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"})
     resumes = tracker.reopen(parent)
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())
@@ -469,7 +520,7 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
     records = StudyRecords(study, study_dir, tracker, runs, statuses, resumed=True)
     study_dir.write_runs(records.runs)
     log.info("resuming %s (resume %d)", study_dir, resumes)
-    return _execute(records, units, data_root, clock, _console(console), live)
+    return _execute(records, units, data_root, clock, console, live)
 
 
 def send_outbox(study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any], records: list[dict[str, Any]]) -> int:
@@ -543,9 +594,13 @@ def _execute(records: StudyRecords, units: list[ArmSeed], data_root: str | None,
         tracker.log_metrics(records.parent_run_id, arm_medians(statuses, task), max(s.extensions for s in statuses))
         models = log_models(records)
         tracker.end_run(records.parent_run_id, "FAILED" if any(s.status == "failed" for s in statuses) else "FINISHED")
+    except LeaseLost:
+        raise  # the study is another coordinator's now: nothing more is written
     except (StudyInterrupted, KeyboardInterrupt, Unwritable) as stop:
         # SIGINT/SIGTERM, or a study directory that stopped taking writes (disk full, read-only):
         # the running arms are interrupted; what is on disk stays as it was written
+        if study_dir.guard is not None:
+            study_dir.guard()  # (LeaseLost: stopped because another coordinator took the study over)
         for s in statuses:
             if s.status == "running":
                 s.status = "interrupted"

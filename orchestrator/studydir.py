@@ -20,6 +20,7 @@ the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
     ensembles/<arm>-seed<k>/       ensemble tables, distilled weights (see ensembles.py)
     report.md, anytime.png         from `compare`; ensembles.md from `ensembles-report`
     tune/<arm>-seed<k>/<trial>/    Ray Tune's experiment folders, checkpoints, trial.json
+    lease/<generation>.json        who coordinates the study, with a heartbeat (see lease.py)
     mlflow-outbox/                 MLflow records the store did not take (only while it was
                                    away): records.json and copies of their artifacts, sent by
                                    `resume`
@@ -35,7 +36,7 @@ import posixpath
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -98,6 +99,17 @@ class Folder:
 
     def __init__(self, location: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
         self.fs, self.path = _open(location, filesystem)
+        # called before every write: the study's lease (orchestrator/lease.py) raises LeaseLost
+        # there once this coordinator no longer holds the study. Not pickled: a Ray task that
+        # gets the folder writes nothing of the coordinator's records.
+        self.guard: Callable[[], None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "guard": None}
+
+    def _writing(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     # -- where -----------------------------------------------------------------------------
     @property
@@ -123,7 +135,9 @@ class Folder:
         return posixpath.join(self.path, rel) if rel else self.path
 
     def sub(self, rel: str) -> "Folder":
-        return Folder(self._full(rel), self.fs)
+        folder = Folder(self._full(rel), self.fs)
+        folder.guard = self.guard
+        return folder
 
     # -- what is there ---------------------------------------------------------------------
     def _info(self, rel: str = "") -> pafs.FileInfo:
@@ -148,6 +162,7 @@ class Folder:
                       and not i.base_name.endswith(".tmp"))
 
     def makedirs(self, rel: str = "") -> None:
+        self._writing()
         try:
             self.fs.create_dir(self._full(rel), recursive=True)
         except OSError as err:
@@ -191,6 +206,7 @@ class Folder:
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write to a temporary name beside the target, then move it into place: readers see
         the old file or the new one, never a half-written one."""
+        self._writing()
         full = self._full(rel)
         tmp = f"{full}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -239,6 +255,7 @@ class Folder:
 
     def delete(self, rel: str) -> None:
         """A file or a folder (with what is in it), if there."""
+        self._writing()
         kind = self._info(rel).type
         if kind == pafs.FileType.File:
             self.fs.delete_file(self._full(rel))
@@ -272,6 +289,7 @@ class StudyDir(Folder):
     ANYTIME = "anytime.png"
     ENSEMBLES_REPORT = "ensembles.md"
     OUTBOX = "mlflow-outbox"
+    LEASE = "lease"
 
     @property
     def study_id(self) -> str:
@@ -281,8 +299,9 @@ class StudyDir(Folder):
         return self.is_file(self.STUDY)
 
     def create(self, study_yaml: str) -> None:
-        """Make the directory with its resolved study file; an existing one is never reused."""
-        if self.exists():
+        """Write the resolved study file into a new directory, where only the lease this
+        coordinator took to create it may be; an existing study is never reused."""
+        if [n for n in self.list() + self.list(dirs=True) if n != self.LEASE]:
             raise FileExistsError(f"{self} already exists")
         self.makedirs()
         self.makedirs(self.PARTS)
@@ -382,6 +401,7 @@ class StudyDir(Folder):
         Filesystems without appends (object stores) get the journal rewritten instead."""
         if not rows:
             return
+        self._writing()
         name = self.journal_name(arm, seed_index)
         data = "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode()
         full = self._full(name)

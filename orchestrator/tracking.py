@@ -351,6 +351,9 @@ class Tracker:
         self.flush_every_s, self.retry_for_s, self.read_wait_s, self.final_wait_s = \
             flush_every_s, retry_for_s, read_wait_s, final_wait_s
         self.replay_hint = ""  # the end of the warning about records left unsent (the caller's words)
+        # called before every write: the study's lease raises LeaseLost there once this
+        # coordinator no longer holds the study (orchestrator/lease.py)
+        self.guard: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()  # queued, merged, replayed, dropped, abandoned, late_runs, outages...
         self._params: dict[str, list] = {}  # run -> params not yet sent (start_run's, sent by flush)
         self._buffers: dict[str, list] = {}
@@ -499,7 +502,15 @@ class Tracker:
 
     def close(self) -> None:
         """Send what waits, for up to `final_wait_s`; what is still unsent then is dropped with
-        one warning line (the study directory keeps it)."""
+        one warning line (the study directory keeps it). A tracker whose study is no longer
+        this coordinator's drops what waits."""
+        if self.guard is not None:
+            try:
+                self.guard()
+            except Exception:
+                self._buffers, self._params, self._open = {}, {}, []
+                self._pending.clear()
+                return
         self.flush()
         if self._pending:
             self._drain(self.final_wait_s)
@@ -653,6 +664,8 @@ class Tracker:
     def _submit(self, op: _Op) -> None:
         """Every write comes here: written at once (retried for `retry_for_s`) when nothing
         waits, else queued behind what waits, which is retried when its time has come."""
+        if self.guard is not None:
+            self.guard()
         if self._pending or self._draining:
             self._mark_queued(op)
             if self._merge(op):

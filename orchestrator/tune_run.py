@@ -29,6 +29,7 @@ from ray import tune
 from ray.tune.search import SearchAlgorithm
 
 from hypersweep.orchestrator.budget import Budget, Clock, tolerance
+from hypersweep.orchestrator.lease import LeaseLost
 from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher, trial_resources
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir
@@ -55,6 +56,7 @@ class LiveArm:
     budget: Budget
     sink: Callable[..., None]
     workers: int
+    guard: Callable[[], None] | None = None  # the study's lease: LeaseLost ends Tune's loop (StudyDir.guard)
     running: set[str] = field(default_factory=set)  # trials started and not ended
     # arm times: the first trial's start and the last trial's end (what came before and after
     # them is Tune's and Ray's set-up and teardown, charged to the arm too)
@@ -198,6 +200,9 @@ class TuneEvents(_Bound, tune.Callback):
         self.arm.last_end_s = self.arm.budget.elapsed()
 
     def on_step_end(self, iteration, trials, **info):
+        if self.arm.guard is not None:
+            # LeaseLost: Tune stops the trials and raises it, without saving its experiment state
+            self.arm.guard()
         self._send("tick", None, None)
 
 
@@ -232,7 +237,7 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
 
     budget = Budget(study.budget.seconds, clock, used_s=used_s).start()
     key = arm_key(unit)
-    _LIVE[key] = LiveArm(budget, sink, workers)
+    _LIVE[key] = LiveArm(budget, sink, workers, study_dir.guard)
     deadline = budget.deadline()
     # Trials read the deadline from the board at every step; a restored trial's config holds an old one.
     deadline_board().post.remote(key, float(deadline))
@@ -286,6 +291,8 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                 "trial_resources": resources,
                 "interrupted": INTERRUPTED.is_set(),
                 "trials": {str(r.path).rstrip("/").rsplit("/", 1)[-1]: (str(r.path), r.config) for r in grid if r.path}}
+    except LeaseLost:
+        raise
     except Exception as e:  # the study goes on; the arm is marked failed with this message
         return {"errors": -1, "used": budget.elapsed(), "interrupted": INTERRUPTED.is_set(), "trials": {},
                 "error": f"{type(e).__name__}: {e}"}

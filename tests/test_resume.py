@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,13 +80,13 @@ def _running(sd: Path, key: str) -> bool:
 
 
 def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list[dict]], stopped_arm: str = "rand",
-                          restored: bool = True) -> None:
+                          restored: bool = True, interruptions: int = 1, resumes: int = 1) -> None:
     arms = json.loads((sd / "arms.json").read_text())
     assert sorted(arms) == ["fixed/seed0", "fixed/seed1", "rand/seed0", "rand/seed1"]
     assert {a["status"] for a in arms.values()} == {"done"}, arms
     for a in arms.values():  # equal budgets: the time before the stop counts, the gap does not
         assert within_budget(a["wall_time_used_s"], BUDGET_S), json.dumps(a)  # the timeline says where it went
-    assert arms[f"{stopped_arm}/seed0"]["interruptions"] == 1
+    assert arms[f"{stopped_arm}/seed0"]["interruptions"] == interruptions
 
     results = pd.read_parquet(sd / "results.parquet")
     keys = list(zip(results.arm, results.seed_index, results.trial_id, results.step))
@@ -113,10 +114,10 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
     assert kinds["study"] == 1 and kinds["arm"] == 4
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = next(r for r in runs if r.data.tags.get("kind") == "study")
-    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "1"
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == str(resumes)
     assert parent.data.tags["hypersweep.resumed_version"] == parent.data.tags["hypersweep.version"]
     code = json.loads((sd / "runs.json").read_text())["code"]  # the study directory names each execution's code
-    assert [c["at"] for c in code] == ["start", "resume"] and code[1]["version"] == code[0]["version"]
+    assert [c["at"] for c in code] == ["start"] + ["resume"] * resumes and code[1]["version"] == code[0]["version"]
     trials = Counter((r.data.tags["mlflow.parentRunId"], r.data.tags["trial_id"]) for r in runs
                      if r.data.tags.get("kind") == "trial")
     assert trials and max(trials.values()) == 1, "a trial with two runs"
@@ -136,10 +137,11 @@ def _check_finished_study(sd: Path, uri: str, before: dict[tuple[str, int], list
         assert sorted(m.step for m in history) == sorted(g.step)
 
 
-# mid-arm runs by default; the other two moments (90 s each) with the slow tests. The
-# restore costs the arm ~6 s of actor start-up on 2 idle cores (twice that under load).
+# With the slow tests (90 s each; test_one_coordinator_per_study kills a coordinator mid-arm in
+# the default suite). The restore costs the arm ~6 s of actor start-up on 2 idle cores (twice
+# that under load).
 @pytest.mark.parametrize("moment_s", [pytest.param(1.5, id="early", marks=pytest.mark.slow),
-                                      pytest.param(3.0, id="mid-arm"),
+                                      pytest.param(3.0, id="mid-arm", marks=pytest.mark.slow),
                                       pytest.param(7.5, id="late-arm", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_inside_a_searched_arm(tmp_path, moment_s):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
@@ -168,6 +170,73 @@ def test_resume_after_sigkill_inside_a_searched_arm(tmp_path, moment_s):
     stamp = (sd / "arms.json").stat().st_mtime_ns
     assert "has finished" in _finish(again) and again.returncode == 0
     assert (sd / "arms.json").stat().st_mtime_ns == stamp
+
+
+def _refused(proc: subprocess.Popen, started: float, says: str) -> None:
+    """`proc` (a second coordinator) exited 2 within 10 s of `started`, in one line saying `says`."""
+    out = _finish(proc, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - started < 10, (proc.returncode, out)
+    [line] = out.splitlines()
+    assert line.startswith("hypersweep: error: ") and says in line, line
+
+
+def test_one_coordinator_per_study(tmp_path):
+    """The study's lease: a resume beside the live coordinator is refused; `--break-lease` takes
+    the study over and the old coordinator stops without writing more; after a SIGKILL mid-arm,
+    of two resumes started together exactly one runs the study to its end, the other is refused
+    at once, and the records are exact."""
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    host = socket.gethostname()
+    first = _cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live")
+    second = None
+    try:
+        _wait_for(lambda: _running(sd, "rand/seed0") and _journal(sd, "rand", 0), 120, first)
+        t0 = time.monotonic()
+        _refused(_cli("resume", str(sd), "--no-live"), t0, f"is held by another coordinator: {host} pid {first.pid} "
+                 f"(hypersweep run {tmp_path / 'study.yaml'} --study-dir {sd}")
+        assert sorted(os.listdir(sd / "lease")) == ["000001.json"]  # the refused wrote nothing
+
+        # taken over from a live coordinator: it stops at its next heartbeat, writing nothing more
+        second = _cli("resume", str(sd), "--no-live", "--break-lease", "--yes")
+        out = _finish(first, timeout=60)
+        assert first.returncode == 1, out
+        assert f"hypersweep: error: the lease on {sd} was taken over by {host} pid {second.pid}" in out, out
+        had = len(_journal(sd, "rand", 0))
+        _wait_for(lambda: len(_journal(sd, "rand", 0)) > had + 2, 120, second)  # the new coordinator trains on
+        time.sleep(1.5)
+        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+    finally:
+        _kill_group(first)
+        if second is not None:
+            _kill_group(second)
+
+    t0 = time.monotonic()  # two resumes at once: the dead holder's lease goes to exactly one
+    both = [_cli("resume", str(sd), "--no-live") for _ in range(2)]
+    try:
+        while all(p.poll() is None for p in both) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        [loser] = [p for p in both if p.poll() is not None]
+        _refused(loser, t0, "another coordinator")
+        [winner] = [p for p in both if p is not loser]
+        out = _finish(winner)
+    finally:
+        for p in both:
+            _kill_group(p)
+    assert winner.returncode == 0, out
+    assert f"took over the lease of {sd} from {host} pid {second.pid} (its process {second.pid} on {host} is gone)" \
+        in out
+    _check_finished_study(sd, uri, before, interruptions=2, resumes=2)
+    leases = [json.loads((sd / "lease" / name).read_text()) for name in sorted(os.listdir(sd / "lease"))]
+    assert [lease["pid"] for lease in leases] == [first.pid, second.pid, winner.pid]
+    assert [(lease["took_over"] or {}).get("why") for lease in leases][:2] == [None, "broken"]
+    assert leases[-1]["released"]  # the next coordinator may start at once
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("resumable").experiment_id], "tags.kind = 'study'")[0]
+    assert f"{host} pid {first.pid} (broken)" in parent.data.tags["hypersweep.lease_broken"]
+    assert f"{host} pid {second.pid} (its process" in parent.data.tags["hypersweep.lease_taken_over"]
 
 
 def test_sigint_stops_the_study_and_resume_finishes_it(tmp_path):
