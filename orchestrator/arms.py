@@ -54,7 +54,7 @@ def run_arm(ctx: ArmContext, tracker: Tracker, study_dir: StudyDir, clock: Clock
     outcome = None
     try:
         outcome = tune_arm(ctx.study, study_dir, ctx.unit, prepared, ctx.study.budget.workers, recorder.handle,
-                           clock=clock, **resume)
+                           clock=clock, **resume, **_signing(ctx))
     finally:
         finish_arm(recorder, outcome)
 
@@ -69,6 +69,13 @@ def _resume_point(recorder: Recorder) -> dict[str, Any]:
     status.elapsed_s = used
     # extending: the trials the old budget ended go on (from their checkpoints at its end)
     return {"used_s": used, "restore": True, "extend": status.status == "extending"}
+
+
+def _signing(ctx: ArmContext) -> dict[str, Any]:
+    """The coordinator's signing key for the arm's Tune state (a Ray task's environment may not
+    name the same key file), and whether a restore takes the study directory's state as it is."""
+    records = ctx.records
+    return {"signing_key": records.signing_key, "trust": records.trust_study_dir} if records else {}
 
 
 def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: StudyDir, data_root: str | None) -> None:
@@ -98,7 +105,8 @@ def run_concurrent(contexts: list[ArmContext], tracker: Tracker, study_dir: Stud
         recorder = Recorder(ctx, tracker, study_dir)
         resume = _resume_point(recorder)
         ctx.status.status = "running"
-        ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue), **resume)
+        ref = remote_arm.remote(study, study_dir, ctx.unit, prepared, workers, QueueSink(queue), **resume,
+                                **_signing(ctx))
         running.append((recorder, queue, ref))
 
     try:
@@ -216,6 +224,8 @@ def finish_arm(recorder: Recorder, outcome: dict[str, Any] | None) -> None:
     if ctx.records is not None:
         ctx.records.write_arms()
     trials = {name: (Folder(path, study_dir.fs), config) for name, (path, config) in outcome["trials"].items()}
+    for folder, _ in trials.values():
+        folder.guard = study_dir.guard  # (their trial.json is a record of the study's coordinator)
     write_trial_records(trials, recorder.rows, arm=unit.arm.name, method=unit.arm.method, seed_index=unit.seed_index,
                         seed=unit.seed, run_id=tracker.resolve(run_id), tracking_uri=tracker.uri)
     recorder.record_arm_end(max(errors, 0))

@@ -104,11 +104,12 @@ def run(study_file, study_dir, budget_s, seeds, address, tracking_uri, data_root
     from hypersweep.orchestrator.runner import StudyInterrupted
     from hypersweep.orchestrator.studydir import Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
+    from hypersweep.orchestrator.trust import UntrustedFile
     uri = resolve_tracking_uri(tracking_uri, study.tracking.uri)
     _leave_job_folder()
     try:
         statuses = run_study(study, target, tracking_uri=uri, address=address, live=live)
-    except (StudyError, TrackingUnavailable, LeaseHeld) as e:  # MLflow away at the start: nothing written yet
+    except (StudyError, TrackingUnavailable, LeaseHeld, UntrustedFile) as e:  # MLflow away at the start: nothing written yet
         _bad_input(str(e))
     except LeaseLost as e:
         _lease_lost(e)
@@ -207,7 +208,9 @@ def _shutdown_ray() -> None:
 @click.option("--break-lease", is_flag=True, help="Take the study over from a coordinator that still looks alive "
               "(its heartbeat is recent): it stops at its next heartbeat without writing more. Asks first.")
 @click.option("--yes", "-y", is_flag=True, help="With --break-lease: do not ask.")
-def resume(study_dir, budget_s, address, tracking_uri, data_root, live, break_lease, yes) -> None:
+@click.option("--trust-study-dir", is_flag=True, help="Restore Ray Tune's state (pickles) as the study directory "
+              "holds it, not only the copy this user's coordinator signed; recorded on the study's MLflow run.")
+def resume(study_dir, budget_s, address, tracking_uri, data_root, live, break_lease, yes, trust_study_dir) -> None:
     """Continue a study whose coordinator died or was stopped (SIGKILL, Ctrl-C, a closed
     terminal, a lost head node): finished arms are kept, the interrupted arm's Tune experiment
     is restored from its checkpoints and charged the wall time it had used, the remaining arms
@@ -227,6 +230,7 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live, break_le
     from hypersweep.orchestrator.study import StudyError
     from hypersweep.orchestrator.studydir import CorruptFile, Unwritable
     from hypersweep.orchestrator.tracking import TrackingUnavailable
+    from hypersweep.orchestrator.trust import UntrustedFile
     if yes and not break_lease:
         _bad_input("--yes goes with --break-lease")
     target = _study_dir(study_dir, "STUDY_DIR")
@@ -243,8 +247,9 @@ def resume(study_dir, budget_s, address, tracking_uri, data_root, live, break_le
 
     try:
         statuses = resume_study(target, tracking_uri=tracking_uri, address=address, data_root=data_root,
-                                budget_s=budget_s, live=live, take_over=take_over if break_lease else None)
-    except (StudyError, TrackingUnavailable, CorruptFile, LeaseHeld) as e:
+                                budget_s=budget_s, live=live, take_over=take_over if break_lease else None,
+                                trust_study_dir=trust_study_dir)
+    except (StudyError, TrackingUnavailable, CorruptFile, LeaseHeld, UntrustedFile) as e:
         _bad_input(str(e))
     except LeaseLost as e:
         _lease_lost(e)
@@ -628,6 +633,12 @@ def cluster_up(cluster_file: str, dry_run: bool) -> None:
                 click.echo(f"    {command}")
         click.echo("nothing was started (--dry-run)")
         return
+    from hypersweep.orchestrator.trust import UntrustedFile, key_file, study_key
+    try:
+        study_key()  # the file the cluster file copies to the head (made here on first use)
+    except UntrustedFile as e:
+        _bad_input(str(e))
+    click.echo(f"the head gets this user's key that signs Tune's state: {key_file()}")
     _ray_cli("up", "-y", cluster_file)
 
 
@@ -745,9 +756,10 @@ _ADDRESS_HELP = "The cluster's dashboard, http://HEAD:8265 (default: RAY_API_SER
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As `run`.")
 @click.option("--break-lease", is_flag=True, help="With --resume: take the study over from a coordinator that still "
               "looks alive (as `resume --break-lease --yes`).")
+@click.option("--trust-study-dir", is_flag=True, help="With --resume: as `resume --trust-study-dir`.")
 @click.option("--follow", is_flag=True, help="Then print the job's log until it ends (as `hypersweep logs --follow`).")
 def submit(study_file, address, study_dir, resume_dir, budget_s, seeds, tracking_uri, data_root, upload_data, sets,
-           break_lease, follow) -> None:
+           break_lease, trust_study_dir, follow) -> None:
     """Run a study on a running Ray cluster as a Ray Job: its coordinator runs on the head,
     records go to --study-dir on the cluster's storage; prints the job id and returns.
 
@@ -765,13 +777,13 @@ def submit(study_file, address, study_dir, resume_dir, budget_s, seeds, tracking
     options = [*(["--budget-s", repr(budget_s)] if budget_s is not None else []),
                *(["--tracking-uri", tracking_uri] if tracking_uri else []),
                *(["--data-root", data_root] if data_root else [])]
-    if break_lease and not resume_dir:
-        _bad_input("--break-lease goes with --resume STUDY_DIR")
+    if (break_lease or trust_study_dir) and not resume_dir:
+        _bad_input(f"{'--break-lease' if break_lease else '--trust-study-dir'} goes with --resume STUDY_DIR")
     if resume_dir:
         if study_file or seeds is not None or sets or study_dir:
             _bad_input("--resume STUDY_DIR continues a recorded study: no study file, --study-dir, --seeds or --set")
         name, target = None, resume_dir
-        options += ["--break-lease", "--yes"] if break_lease else []
+        options += (["--break-lease", "--yes"] if break_lease else []) + (["--trust-study-dir"] if trust_study_dir else [])
     else:
         if not study_file:
             _bad_input("give a study file to run, or --resume STUDY_DIR to continue one")

@@ -51,7 +51,6 @@ SETTLE_S = 1.0  # best-effort exclusive create: how long a written record settle
 _GENERATION = re.compile(r"^(\d{6})\.json$")
 
 
-
 class LeaseHeld(Exception):
     """Another coordinator holds the study (or is creating it); the message is one line naming
     it. Nothing was written."""
@@ -137,8 +136,10 @@ class Lease:
         self.held: Holder | None = None
         self.lost_reason: str | None = None
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a heartbeat's write and the release's, one at a time
         self._thread: threading.Thread | None = None
         self._last_beat = 0.0
+        self._beat_error: Exception | None = None
 
     # -- reading ---------------------------------------------------------------------------
     @staticmethod
@@ -212,10 +213,14 @@ class Lease:
             raise LeaseHeld(f"{self.study_dir} was taken at the same moment by another coordinator: "
                             f"{theirs.describe(self.clock())}")
         self.held, self._last_beat = record, now
-        if why == "broken" and prev is not None:  # it stops at its next heartbeat: let it, before writing
-            time.sleep(2 * prev.heartbeat_s)
         self._thread = threading.Thread(target=self._beat_loop, name="hypersweep-lease", daemon=True)
         self._thread.start()
+        if why == "broken" and prev is not None:  # it stops at its next heartbeat: let it, before writing
+            try:
+                time.sleep(2 * prev.heartbeat_s)
+            except BaseException:  # (Ctrl-C meanwhile: the study is left free, not held by no one)
+                self.release()
+                raise
         return prev if why is not None else None
 
     def _create(self, rel: str, record: Holder) -> bool:
@@ -237,6 +242,10 @@ class Lease:
                     return True
                 except FileExistsError:
                     return False
+                except OSError as err:
+                    if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    return _create_exclusive(full, data)  # a filesystem without hard links (CIFS, some FUSE)
                 finally:
                     os.unlink(tmp)
             except OSError as err:  # a read-only or full disk: one line, as any write of the study
@@ -252,7 +261,12 @@ class Lease:
 
     # -- holding it ------------------------------------------------------------------------
     def guard(self) -> None:
-        """LeaseLost once this coordinator no longer holds the study."""
+        """LeaseLost once this coordinator no longer holds the study: its lease was taken over,
+        or it has not been renewed for half the grace period (the heartbeat thread stalled, the
+        machine slept, the store was away), well before another host may take it over."""
+        if self.lost_reason is None and self.held is not None and self.clock() - self._last_beat > self.grace_s / 2:
+            self._lose(f"the lease on {self.study_dir} was not renewed for {self.clock() - self._last_beat:.0f} s: "
+                       "another coordinator may hold it by now, so this one stopped without writing more records")
         if self.lost_reason is not None:
             raise LeaseLost(self.lost_reason)
 
@@ -262,34 +276,39 @@ class Lease:
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            self.beat()
+            try:
+                self.beat()
+            except Exception as err:  # (whatever the store raises: the guard's clock still runs)
+                if not self.lost:
+                    self._beat_error = err
 
     def beat(self) -> None:
-        """Renew the lease, or find it lost (taken over, or not renewed for the grace period)."""
-        held = self.held
-        if held is None or self.lost:
-            return
-        now = self.clock()
-        try:
-            if self.folder.exists(self.name(held.generation + 1)):
-                try:
-                    thief = self._read(held.generation + 1)
-                    who = f"{thief.host} pid {thief.pid} ({thief.command}) at {_utc(thief.started)}"
-                except (CorruptFile, OSError):
-                    who = "another coordinator"
-                self._lose(f"the lease on {self.study_dir} was taken over by {who}: this coordinator stopped "
-                           "without writing more records")
+        """Renew the lease, or find it lost: taken over (a newer generation, or its own record
+        holding another token), or not renewed for half the grace period."""
+        with self._writing:
+            held = self.held
+            if held is None or self.lost or self._stop.is_set():
                 return
-            self.held = replace(held, heartbeat=now)
-            self.folder.write_json(self.name(held.generation), asdict(self.held))
-            self._last_beat = now
-        except (OSError, CorruptFile) as err:  # the store is away: the lease holds until the grace period ends
-            if now - self._last_beat >= self.grace_s - self.heartbeat_s:
-                self._lose(f"the lease on {self.study_dir} could not be renewed for {now - self._last_beat:.0f} s "
-                           f"({err}): another coordinator may hold it now, so this one stopped without writing "
-                           "more records")
+            now = self.clock()
+            try:
+                theirs = self._read(held.generation + 1) if self.folder.exists(self.name(held.generation + 1)) else \
+                    self._read(held.generation)
+                if theirs.token != held.token:
+                    self._lose(f"the lease on {self.study_dir} was taken over by {theirs.host} pid {theirs.pid} "
+                               f"({theirs.command}) at {_utc(theirs.started)}: this coordinator stopped without "
+                               "writing more records")
+                    return
+                self.held = replace(held, heartbeat=now)
+                self.folder.write_json(self.name(held.generation), asdict(self.held))
+                self._last_beat = now
+            except (OSError, CorruptFile) as err:  # the store is away: the lease holds for half the grace period
+                self._beat_error = err
+            with contextlib.suppress(LeaseLost):
+                self.guard()  # (marks it lost when it is)
 
     def _lose(self, reason: str) -> None:
+        if self._beat_error is not None and "not renewed" in reason:
+            reason += f" (last error: {self._beat_error})"
         self.lost_reason = reason  # (said once, by whoever catches the LeaseLost it raises)
         if self.on_lost is not None:
             self.on_lost()
@@ -298,15 +317,14 @@ class Lease:
         """End the heartbeat; a lease still held is marked released (the next coordinator takes
         it at once). A store that refuses the write leaves the lease to go stale."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * self.heartbeat_s)
-        held, self.held = self.held, None
-        if held is None or self.lost:
-            return
-        with contextlib.suppress(OSError, CorruptFile):
-            if not self.folder.exists(self.name(held.generation + 1)):
-                self.folder.write_json(self.name(held.generation),
-                                       asdict(replace(held, heartbeat=self.clock(), released=True)))
+        with self._writing:  # (after a heartbeat under way, never before it)
+            held, self.held = self.held, None
+            if held is None or self.lost:
+                return
+            with contextlib.suppress(OSError, CorruptFile):
+                if not self.folder.exists(self.name(held.generation + 1)):
+                    self.folder.write_json(self.name(held.generation),
+                                           asdict(replace(held, heartbeat=self.clock(), released=True)))
 
     def __enter__(self) -> "Lease":
         return self
@@ -316,11 +334,22 @@ class Lease:
         return False
 
 
+def _create_exclusive(full: str, data: bytes) -> bool:
+    """O_CREAT | O_EXCL: atomic too, but a reader may see the file before its bytes."""
+    try:
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
 def _s3_put_if_absent(fs, full: str, data: bytes) -> bool:
     """A conditional PUT (If-None-Match: *) of `data` at `full` (bucket/key) on the S3 endpoint
     of the pyarrow S3FileSystem `fs`; False when the key exists (HTTP 412)."""
     import boto3
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     from hypersweep.orchestrator.tracking import one_line
     opts = fs.__reduce__()[1][0]  # the filesystem's own settings: endpoint, region, keys
@@ -334,6 +363,8 @@ def _s3_put_if_absent(fs, full: str, data: bytes) -> bool:
     bucket, _, key = full.partition("/")
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except BotoCoreError as e:  # no credentials, no endpoint, a botocore without conditional writes
+        raise Unwritable(errno.EIO, f"cannot write s3://{full}: {one_line(e)}") from None
     except ClientError as e:
         if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412 or \
                 e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):

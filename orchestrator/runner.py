@@ -39,6 +39,7 @@ from hypersweep.orchestrator.recorder import ArmContext, arm_tags, best_row
 from hypersweep.orchestrator.study import MAX_FILE_BYTES, Study, StudyError, decode_study, load_yaml, parse_study
 from hypersweep.orchestrator.studydir import StudyDir, Unwritable
 from hypersweep.orchestrator.tracking import Tracker, TrackingUnavailable, choose_store, swap_id, without_placeholders
+from hypersweep.orchestrator.trust import check_study, has_signed_state, study_key
 from hypersweep.orchestrator.tune_run import INTERRUPTED, request_stop
 
 HEARTBEAT_S = 1.0  # how often a running arm's wall time reaches arms.json
@@ -158,9 +159,11 @@ class StudyRecords:
     `HEARTBEAT_S` while an arm runs, with its wall time so far)."""
 
     def __init__(self, study: Study, study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any],
-                 statuses: list[ArmStatus], resumed: bool = False):
+                 statuses: list[ArmStatus], signing_key: bytes | None = None, resumed: bool = False):
         self.study, self.study_dir, self.tracker, self.runs, self.statuses = study, study_dir, tracker, runs, statuses
+        self.signing_key = signing_key  # signs the arms' Tune state (trust.py), in whichever process runs Tune
         self.resumed = resumed  # an earlier execution may have made runs that runs.json does not name
+        self.trust_study_dir = False  # restore Tune's state as the study directory holds it (--trust-study-dir)
         self.runs.setdefault("arms", {})
         self.runs.setdefault("trials", {})
         self._beat = 0.0
@@ -353,6 +356,8 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
     """Run every arm x seed of `study` into `study_dir` (which must not exist yet); returns
     their statuses (the summary). Raises StudyInterrupted after SIGINT/SIGTERM, LeaseHeld when
     another coordinator is creating the same directory, LeaseLost when one took it over."""
+    key = study_key()  # UntrustedFile now, not in the first arm, when this user's key cannot sign (trust.py)
+    existed = study_dir.exists()
     lease = Lease(study_dir, on_lost=INTERRUPTED.set)
     lease.acquire(new_study=True)  # of two `run`s into one new directory, exactly one gets here
     try:
@@ -363,8 +368,8 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
         tracker = Tracker(tracking_uri, study.tracking.experiment or study.name)  # before anything is written
     except BaseException:
         lease.release()
-        with contextlib.suppress(OSError):
-            study_dir.delete("")  # only the lease was there: bad input leaves nothing behind
+        with contextlib.suppress(OSError):  # bad input leaves nothing behind
+            study_dir.delete("" if not existed else StudyDir.LEASE)
         raise
     study_dir.guard = tracker.guard = lease.guard
     with lease:
@@ -378,7 +383,7 @@ def run_study(study: Study, study_dir: StudyDir, *, tracking_uri: str, address: 
         records = StudyRecords(study, study_dir, tracker, {"tracking_uri": tracking_uri,
                                                             "experiment_id": tracker.experiment_id,
                                                             "parent_run_id": parent,
-                                                            "code": [code_record("start", code)]}, statuses)
+                                                            "code": [code_record("start", code)]}, statuses, key)
         study_dir.write_runs(records.runs)
         with study_dir.reading(StudyDir.STUDY) as local:
             tracker.log_artifact(parent, local)
@@ -436,20 +441,25 @@ def recorded_statuses(study_dir: StudyDir, study: Study, units: list[ArmSeed]) -
 
 def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, address: str | None = None,
                  data_root: str | None = None, budget_s: float | None = None, clock: Clock = time.monotonic,
-                 console=None, live: bool = True,
-                 take_over: Callable[[Holder, str], bool] | None = None) -> list[ArmStatus] | None:
+                 console=None, live: bool = True, take_over: Callable[[Holder, str], bool] | None = None,
+                 trust_study_dir: bool = False) -> list[ArmStatus] | None:
     """Carry on a study whose coordinator died or was stopped. Returns None when there was
     nothing left to do (every arm x seed had ended); raises StudyError on a directory that is
-    not a study or whose study no longer validates, LeaseHeld while another coordinator holds
-    it (`take_over(holder, description)` True: take it over all the same), LeaseLost when
-    another one took it over from this one."""
+    not a study or whose study no longer validates, UntrustedFile when its signed Tune state is
+    not what this user's coordinator wrote (`trust_study_dir`: restored as it is; trust.py),
+    LeaseHeld while another coordinator holds it (`take_over(holder, description)` True: take
+    it over all the same), LeaseLost when another one took it over from this one."""
     study = load_study_dir(study_dir, budget_s)
     units = plan(study)
     lease = Lease(study_dir, on_lost=INTERRUPTED.set)
+    if take_over is None:
+        lease.check_free()  # (a live coordinator's signed state is mid-write: say who holds it)
+    key = study_key()
+    if not trust_study_dir:
+        check_study(study_dir, key)  # before anything is written or loaded
     # A finished study stays finished: said so without taking the lease (nothing is written),
     # unless a coordinator holds it (an extension under way, say)
     if all(s.ended for s in recorded_statuses(study_dir, study, units)) and not study_dir.outbox():
-        lease.check_free()
         return None
     previous = lease.acquire(take_over=take_over)  # before anything is read for the resume
     with lease:
@@ -458,12 +468,14 @@ def resume_study(study_dir: StudyDir, *, tracking_uri: str | None = None, addres
         if previous is not None and lease.held.took_over["why"] != "released":
             console.print(f"took over the lease of {study_dir} from {previous.host} pid {previous.pid} "
                           f"({lease.held.took_over['why']})", soft_wrap=True)
-        return _resume(study, study_dir, units, lease, tracking_uri=tracking_uri, address=address,
-                       data_root=data_root, clock=clock, console=console, live=live)
+        return _resume(study, study_dir, units, lease, key, tracking_uri=tracking_uri, address=address,
+                       data_root=data_root, clock=clock, console=console, live=live, trust_study_dir=trust_study_dir)
 
 
-def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Lease, *, tracking_uri: str | None,
-            address: str | None, data_root: str | None, clock: Clock, console, live: bool) -> list[ArmStatus] | None:
+def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Lease, key: bytes, *,
+            tracking_uri: str | None,
+            address: str | None, data_root: str | None, clock: Clock, console, live: bool,
+            trust_study_dir: bool) -> list[ArmStatus] | None:
     """resume_study, once this coordinator holds the study."""
     recorded_budget = load_study_dir(study_dir).budget.seconds
     statuses = recorded_statuses(study_dir, study, units)
@@ -510,6 +522,16 @@ def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Leas
         tracker.set_tags(parent, {tag: f"generation {took_over['generation']}: {took_over.get('host', '?')} pid "
                                        f"{took_over.get('pid', '?')} ({took_over['why']}) at "
                                        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"})
+    if trust_study_dir:
+        tracker.set_tags(parent, {"hypersweep.trusted_study_dir": f"--trust-study-dir at "
+                                                                   f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"})
+    else:
+        unsigned = [f"{s.arm} seed {s.seed_index}" for s in statuses if s.status in ("interrupted", "extending")
+                    and not has_signed_state(study_dir, study_dir.latest_tune_experiment(s.arm, s.seed_index))]
+        if unsigned:
+            console.print(f"no signed Tune state to restore for {', '.join(unsigned)} (a study from before hypersweep "
+                          "signed it, or stopped in its first seconds): they run the rest of their budget in a fresh "
+                          "Tune experiment; --trust-study-dir restores them unverified", soft_wrap=True)
     resumes = tracker.reopen(parent)
     if study.budget.seconds != recorded_budget:  # a longer sweep: the study file says so from now on
         study_dir.write_text(StudyDir.STUDY, study.to_yaml())
@@ -517,7 +539,8 @@ def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Leas
     runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent,
                  "code": [*(runs.get("code") if isinstance(runs.get("code"), list) else []),
                           code_record("resume", code)]})
-    records = StudyRecords(study, study_dir, tracker, runs, statuses, resumed=True)
+    records = StudyRecords(study, study_dir, tracker, runs, statuses, key, resumed=True)
+    records.trust_study_dir = trust_study_dir
     study_dir.write_runs(records.runs)
     log.info("resuming %s (resume %d)", study_dir, resumes)
     return _execute(records, units, data_root, clock, console, live)

@@ -20,6 +20,8 @@ the constructor (tests use a `SubTreeFileSystem` and an fsspec one):
     ensembles/<arm>-seed<k>/       ensemble tables, distilled weights (see ensembles.py)
     report.md, anytime.png         from `compare`; ensembles.md from `ensembles-report`
     tune/<arm>-seed<k>/<trial>/    Ray Tune's experiment folders, checkpoints, trial.json
+    tune-signed/<arm>-seed<k>/     the signed copy of each experiment's Tune state, the only one
+                                   a resume restores (see trust.py)
     lease/<generation>.json        who coordinates the study, with a heartbeat (see lease.py)
     mlflow-outbox/                 MLflow records the store did not take (only while it was
                                    away): records.json and copies of their artifacts, sent by
@@ -290,6 +292,7 @@ class StudyDir(Folder):
     ENSEMBLES_REPORT = "ensembles.md"
     OUTBOX = "mlflow-outbox"
     LEASE = "lease"
+    SIGNED = "tune-signed"
 
     @property
     def study_id(self) -> str:
@@ -489,6 +492,9 @@ class StudyDir(Folder):
         while self.is_dir(f"{self.TUNE}/{self.tune_experiment(arm, seed_index, attempt + 1)}"):
             attempt += 1
         return attempt
+
+    def latest_tune_experiment(self, arm: str, seed_index: int) -> str:
+        return self.tune_experiment(arm, seed_index, self.tune_attempts(arm, seed_index))
 
     def trial_folders(self) -> list[Folder]:
         """Every trial folder under tune/ (tune/<experiment>/<trial>/)."""

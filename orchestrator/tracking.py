@@ -445,6 +445,8 @@ class Tracker:
         after whatever waits in the queue: a run's first log_batch carries both (MLflow takes
         up to MAX_PARAMS params and MAX_BATCH items in all per request). `run_id`: that run's
         only (its end), the others' wait for the next flush."""
+        if self.guard is not None:
+            self.guard()
         if run_id is None:
             buffers, self._buffers = self._buffers, {}
             params, self._params = self._params, {}

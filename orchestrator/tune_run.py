@@ -33,6 +33,7 @@ from hypersweep.orchestrator.lease import LeaseLost
 from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher, trial_resources
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir
+from hypersweep.orchestrator.trust import SEAL_EVERY_S, Sealer, parses, restore_signed, study_key
 
 # Set by a SIGINT/SIGTERM in this process (orchestrator/runner.py): no new trial starts.
 INTERRUPTED = threading.Event()
@@ -57,6 +58,7 @@ class LiveArm:
     sink: Callable[..., None]
     workers: int
     guard: Callable[[], None] | None = None  # the study's lease: LeaseLost ends Tune's loop (StudyDir.guard)
+    sealer: Sealer | None = None  # signs the experiment's state as Tune writes it (trust.py)
     running: set[str] = field(default_factory=set)  # trials started and not ended
     # arm times: the first trial's start and the last trial's end (what came before and after
     # them is Tune's and Ray's set-up and teardown, charged to the arm too)
@@ -200,10 +202,21 @@ class TuneEvents(_Bound, tune.Callback):
         self.arm.last_end_s = self.arm.budget.elapsed()
 
     def on_step_end(self, iteration, trials, **info):
-        if self.arm.guard is not None:
+        arm = self.arm
+        if arm.guard is not None:
             # LeaseLost: Tune stops the trials and raises it, without saving its experiment state
-            self.arm.guard()
+            arm.guard()
+        if arm.sealer is not None:  # right after Tune's own save of this step, if it made one
+            if arm.sealer.staging is None and trials:
+                arm.sealer.staging = trials[0].storage.experiment_driver_staging_path
+            sign_state(arm.sealer, self.key, every_s=SEAL_EVERY_S)
         self._send("tick", None, None)
+
+    def on_experiment_end(self, trials, **info):
+        # Tune would build the results' errors from each failed trial's error.pkl, a pickle in the
+        # study directory; error.txt says the same in text
+        for trial in trials:
+            trial.run_metadata.pickled_error_filename = None
 
 
 class QueueSink:
@@ -218,14 +231,16 @@ class QueueSink:
 
 
 def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict[str, Any], workers: int, sink, *,
-             used_s: float = 0.0, restore: bool = False, extend: bool = False,
-             clock: Clock = time.monotonic) -> dict[str, Any]:
+             used_s: float = 0.0, restore: bool = False, extend: bool = False, trust: bool = False,
+             signing_key: bytes | None = None, clock: Clock = time.monotonic) -> dict[str, Any]:
     """Run one arm x seed's Tune experiment under its budget; Tune's events go to `sink`.
     `used_s`: the wall time the arm used before (a resumed arm gets the rest of its budget);
     `restore`: continue the arm's Tune experiment where it stopped (finished trials kept,
     running ones from their last checkpoint, pending ones start), if there is one; `extend`:
     the finished trials go on too (a longer budget: those the old one ended continue from their
-    checkpoint at its end; those that had run `max_steps` end at once).
+    checkpoint at its end; those that had run `max_steps` end at once). A restore reads only
+    the experiment's signed state (trust.py) unless `trust` (--trust-study-dir); `signing_key`:
+    the coordinator's (default: this process's, trust.study_key).
     Runs in the coordinator (arms one after another) or in a Ray task (concurrent arms).
     Returns the errors, the wall time used and each trial's folder (a path on the study
     directory's filesystem) and config."""
@@ -252,6 +267,23 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
     attempt = study_dir.tune_attempts(unit.arm.name, unit.seed_index)
     name = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt)
     try:
+        signing_key = signing_key or study_key()
+        carried: dict[str, bytes] = {}  # the experiment's state files this execution takes as signed
+        if restore and trust:
+            live = study_dir.sub(f"{StudyDir.TUNE}/{name}")
+            carried = {n: live.read_bytes(n) for n in live.list() if n != ".validate_storage_marker"}
+        elif restore:
+            restored = restore_signed(study_dir, name, signing_key)
+            if restored is None:
+                log.warning("%s: its Tune experiment has no signed state to restore (a study from before hypersweep "
+                            "signed it, or one stopped in its first seconds); a fresh one runs the rest of the arm's "
+                            "budget (its trials start over; what the earlier ones reported is kept)", unit.key)
+                name, restore = study_dir.tune_experiment(unit.arm.name, unit.seed_index, attempt + 1), False
+            else:
+                carried, set_aside = restored
+                if set_aside:
+                    log.warning("%s: restored from its signed Tune state; set aside, as written after its last signing "
+                                "or by someone else: %s", unit.key, ", ".join(set_aside))
         experiment = f"{storage_path}/{name}"
         restore = restore and Tuner.can_restore(experiment, storage_filesystem=storage_fs)
         broken = restore and unreadable_state(Folder(experiment, storage_fs))
@@ -267,6 +299,8 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                                   _resume_config=ResumeConfig(finished=resume if extend else skip, unfinished=resume,
                                                               errored=skip))
         else:
+            clear_state(study_dir, name)
+            carried = {}
             max_steps = (unit.arm.max_epochs or study.training.max_epochs) // study.training.epochs_per_step or 1
             alg = searcher(unit)
             if isinstance(alg, Searcher):  # what Tune does itself for a bare Searcher
@@ -286,7 +320,10 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
                         checkpoint_frequency=study.training.checkpoint_every, checkpoint_at_end=True),
                     failure_config=FailureConfig(max_failures=study.training.max_failures)),
             )
+        sealer = _LIVE[key].sealer = Sealer(study_dir, name, signing_key, carried)
+        sign_state(sealer, key, tuner=not restore)  # tuner.pkl, written when the Tuner was built
         grid = tuner.fit()
+        sign_state(sealer, key)  # Tune's last save
         return {"errors": len(grid.errors), "used": budget.elapsed(), "timeline": _LIVE[key].timeline(),
                 "trial_resources": resources,
                 "interrupted": INTERRUPTED.is_set(),
@@ -308,18 +345,35 @@ def unreadable_state(experiment: Folder) -> str | None:
     """What of a Tune experiment's saved state cannot be read (a file cut by a crash or a
     full disk), or None. Tune reads its newest experiment_state-*.json, the search algorithm's
     newest state (basic-variant-state-*.json and search_gen_state-*.json are pickles despite
-    their names) and tuner.pkl."""
-    import pickle
+    their names) and tuner.pkl; a pickle is read by its opcodes, never loaded."""
     files = experiment.list()
     newest = [max((f for f in files if f.startswith(prefix)), default=None)
               for prefix in ("experiment_state-", "basic-variant-state-", "search_gen_state-")]
     for name in [*filter(None, newest), *(["tuner.pkl"] if "tuner.pkl" in files else [])]:
         data = experiment.read_bytes(name)
-        try:
-            pickle.loads(data) if data[:1] == b"\x80" else json.loads(data)
-        except Exception as e:  # a cut file: JSONDecodeError, EOFError, UnpicklingError, ...
-            return f"{name}: {type(e).__name__}"
+        if not parses(name, data):
+            pickled = data[:1] == b"\x80" or name.endswith(".pkl")
+            return f"{name}: {'not a whole pickle' if pickled else 'not valid JSON'}"
     return None
+
+
+def sign_state(sealer: Sealer, key: str, every_s: float = 0.0, tuner: bool = False) -> None:
+    """Sign what Tune saved (at most every `every_s`), or with `tuner` its tuner.pkl. A store
+    that refuses the copy (a full disk) costs only freshness: a resume restores the copy
+    signed before."""
+    try:
+        sealer.seal_tuner() if tuner else sealer.seal(every_s)
+    except OSError as err:
+        log.warning("the Tune state of %s was not signed this time: %s", key, err)
+
+
+def clear_state(study_dir: StudyDir, experiment: str) -> None:
+    """Before a fresh Tune experiment: no state file in its folder but Tune's own (what a killed
+    coordinator or anyone else left there would be signed with it), no signed copy."""
+    live = study_dir.sub(f"{StudyDir.TUNE}/{experiment}")
+    for name in live.list():
+        live.delete(name)
+    study_dir.delete(f"{StudyDir.SIGNED}/{experiment}")
 
 
 def _trial_dirname(trial) -> str:

@@ -32,6 +32,8 @@ def test_every_node_gets_this_hypersweep_and_joins_with_a_token(name):
     config = yaml.safe_load((CLUSTER / name).read_text())
     assert config["file_mounts"]["/tmp/hypersweep-dist"] == "./dist"  # the laptop's wheel
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # the key that signs the Tune state a resume on the head restores (trust.py)
+    assert config["file_mounts"]["~/.config/hypersweep/study.key"] == "~/.config/hypersweep/study.key"
     assert any("hypersweep-dist/hypersweep-*.whl" in c and "[cluster]" in c for c in config["setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in config[key] if "ray start" in c]
@@ -57,6 +59,9 @@ def test_the_kuberay_manifest_has_the_raycluster_fields_it_uses():
             assert env["RAY_AUTH_MODE"]["value"] == "token"
             assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth-token"
             assert {m["name"] for m in container["volumeMounts"]} == {v["name"] for v in pod["volumes"]}
+    # the coordinator on the head signs Tune's state with the laptop user's key (trust.py)
+    key = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}["HYPERSWEEP_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "hypersweep-study-key", "key": "key"}
     gpu = groups[0]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
 

@@ -5,6 +5,7 @@ interrupted trials went on from their checkpoints."""
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -69,6 +70,15 @@ def _journal(sd: Path, arm: str, seed_index: int) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _sigkill(proc: subprocess.Popen, sd: Path, after_s: float, seeds: int = 2) -> dict[tuple[str, int], list[dict]]:
+    """Kill the coordinator `proc` `after_s` from now; what its journals held just before."""
+    time.sleep(after_s)
+    before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in range(seeds)}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return before
 
 
 def _running(sd: Path, key: str) -> bool:
@@ -151,10 +161,7 @@ def test_resume_after_sigkill_inside_a_searched_arm(tmp_path, moment_s):
         # inside the searched arm of the first repetition, `moment_s` after its first report (Tune
         # has saved its experiment state with a checkpoint by then: it does every 2 s)
         _wait_for(lambda: _running(sd, "rand/seed0") and _journal(sd, "rand", 0), 120, run)
-        time.sleep(moment_s)
-        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait(timeout=30)
+        before = _sigkill(run, sd, moment_s)
     finally:
         _kill_group(run)
     assert run.returncode == -signal.SIGKILL
@@ -180,11 +187,22 @@ def _refused(proc: subprocess.Popen, started: float, says: str) -> None:
     assert line.startswith("hypersweep: error: ") and says in line, line
 
 
+class _Planted:
+    """A pickle that runs code when loaded: it creates its marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_one_coordinator_per_study(tmp_path):
     """The study's lease: a resume beside the live coordinator is refused; `--break-lease` takes
     the study over and the old coordinator stops without writing more; after a SIGKILL mid-arm,
     of two resumes started together exactly one runs the study to its end, the other is refused
-    at once, and the records are exact."""
+    at once, and the records are exact. On the way, pickles planted in the study directory are
+    never loaded (one study serves both, for the suite's time)."""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
     sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
     host = socket.gethostname()
@@ -204,14 +222,28 @@ def test_one_coordinator_per_study(tmp_path):
         assert f"hypersweep: error: the lease on {sd} was taken over by {host} pid {second.pid}" in out, out
         had = len(_journal(sd, "rand", 0))
         _wait_for(lambda: len(_journal(sd, "rand", 0)) > had + 2, 120, second)  # the new coordinator trains on
-        time.sleep(1.5)
-        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
-        os.kill(second.pid, signal.SIGKILL)
-        second.wait(timeout=30)
+        before = _sigkill(second, sd, 1.5)
     finally:
         _kill_group(first)
         if second is not None:
             _kill_group(second)
+
+    # Nothing planted in the study directory runs: a tuner.pkl that is not the one this study
+    # wrote is refused in one line before anything is loaded or written...
+    marker, experiment = tmp_path / "PWNED", sd / "tune" / "rand-seed0"
+    evil = pickle.dumps(_Planted(marker))
+    original = (experiment / "tuner.pkl").read_bytes()
+    (experiment / "tuner.pkl").write_bytes(evil)
+    stamp = (sd / "arms.json").stat().st_mtime_ns
+    t0 = time.monotonic()
+    _refused(_cli("resume", str(sd), "--no-live"), t0, f"{experiment / 'tuner.pkl'}: not the file this study's "
+             "coordinator wrote")
+    assert not marker.exists() and (sd / "arms.json").stat().st_mtime_ns == stamp
+    assert sorted(os.listdir(sd / "lease")) == ["000001.json", "000002.json"]
+    (experiment / "tuner.pkl").write_bytes(original)
+    # ... and the other pickles Tune would load are set aside: a newer search state, a trial's exception
+    (experiment / "search_gen_state-2099-01-01_00-00-00.json").write_bytes(evil)
+    (next(p for p in experiment.iterdir() if p.is_dir()) / "error.pkl").write_bytes(evil)
 
     t0 = time.monotonic()  # two resumes at once: the dead holder's lease goes to exactly one
     both = [_cli("resume", str(sd), "--no-live") for _ in range(2)]
@@ -228,6 +260,8 @@ def test_one_coordinator_per_study(tmp_path):
     assert winner.returncode == 0, out
     assert f"took over the lease of {sd} from {host} pid {second.pid} (its process {second.pid} on {host} is gone)" \
         in out
+    assert "set aside" in out and "search_gen_state-2099-01-01_00-00-00.json" in out and "error.pkl" in out, out
+    assert not marker.exists()
     _check_finished_study(sd, uri, before, interruptions=2, resumes=2)
     leases = [json.loads((sd / "lease" / name).read_text()) for name in sorted(os.listdir(sd / "lease"))]
     assert [lease["pid"] for lease in leases] == [first.pid, second.pid, winner.pid]
@@ -237,6 +271,47 @@ def test_one_coordinator_per_study(tmp_path):
     parent = client.search_runs([client.get_experiment_by_name("resumable").experiment_id], "tags.kind = 'study'")[0]
     assert f"{host} pid {first.pid} (broken)" in parent.data.tags["hypersweep.lease_broken"]
     assert f"{host} pid {second.pid} (its process" in parent.data.tags["hypersweep.lease_taken_over"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trust", [False, True], ids=["unsigned", "trusted"])
+def test_a_study_from_before_signing_resumes(tmp_path, trust):
+    """A study whose Tune state was never signed (written before hypersweep signed it): the
+    interrupted arm runs the rest of its budget in a fresh Tune experiment, said in one line;
+    with --trust-study-dir its state is restored as it is, and the study's run says so."""
+    study = {**STUDY, "seeds": 1}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    sd, uri = tmp_path / "sd", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = _cli("run", str(tmp_path / "study.yaml"), "--study-dir", str(sd), "--tracking-uri", uri, "--no-live")
+    try:
+        # checkpoints in Tune's saved state (checkpoint_every: 2; it saves every 2 s)
+        _wait_for(lambda: _running(sd, "rand/seed0") and len(_journal(sd, "rand", 0)) >= 6, 120, run)
+        before = _sigkill(run, sd, 2.5, seeds=1)
+    finally:
+        _kill_group(run)
+    import shutil
+    shutil.rmtree(sd / "tune-signed")
+    resume = _cli("resume", str(sd), "--no-live", *(["--trust-study-dir"] if trust else []))
+    out = _finish(resume)
+    assert resume.returncode == 0, out
+    results = pd.read_parquet(sd / "results.parquet")
+    for (arm, k), rows in before.items():  # nothing recorded before the stop was lost
+        assert {(r["trial_id"], r["step"]) for r in rows} <= set(zip(results[results.arm == arm].trial_id,
+                                                                     results[results.arm == arm].step))
+    arms = json.loads((sd / "arms.json").read_text())
+    assert {a["status"] for a in arms.values()} == {"done"} and within_budget(arms["rand/seed0"]["wall_time_used_s"],
+                                                                             BUDGET_S)
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("resumable").experiment_id], "tags.kind = 'study'")[0]
+    rand = results[results.arm == "rand"]
+    if trust:
+        assert "hypersweep.trusted_study_dir" in parent.data.tags and "no signed Tune state" not in out
+        assert not (sd / "tune" / "rand-seed0.attempt2").exists() and (rand.restores > 0).any()
+    else:
+        [notice] = [line for line in out.splitlines() if "no signed Tune state" in line]
+        assert "rand seed 0" in notice and "--trust-study-dir" in notice
+        assert (sd / "tune" / "rand-seed0.attempt2").is_dir() and (rand.restores == 0).all()
+        assert "hypersweep.trusted_study_dir" not in parent.data.tags
 
 
 def test_sigint_stops_the_study_and_resume_finishes_it(tmp_path):
@@ -304,10 +379,7 @@ def test_resume_after_sigkill_during_an_arms_ensemble(tmp_path):
 
     try:
         _wait_for(ending, 120, run)
-        time.sleep(0.5)
-        before = {(arm, k): _journal(sd, arm, k) for arm in ("fixed", "rand") for k in (0, 1)}
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait(timeout=30)
+        before = _sigkill(run, sd, 0.5)
     finally:
         _kill_group(run)
     resume = _cli("resume", str(sd), "--no-live")
@@ -384,7 +456,7 @@ def test_a_longer_budget_extends_the_arms_that_ran_out_of_it(tmp_path):
                   and r.data.tags["arm"] == "rand"}
     for trial_id, g in after[after.arm == "rand"].groupby("trial_id"):
         assert sorted(m.step for m in client.get_metric_history(trial_runs[trial_id], "val_loss")) == sorted(g.step)
-    summaries = client.get_metric_history(arm.info.run_id, "trials")
+    summaries = client.get_metric_history(arm.info.run_id, "summary/trials")
     assert len(summaries) == 2  # summarised at the end of each budget, at its report count
 
     again = _cli("resume", str(sd), "--budget-s", "24", "--no-live")

@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from ray import tune
 
@@ -41,6 +42,7 @@ from hypersweep.methods.seeding import Stream, child_seed
 from hypersweep.methods.targets import build_target
 
 CHECKPOINT_FILE = "state.pt"
+DICT_CHECKPOINT = "_dict_checkpoint.pkl"  # Tune's pickle of a dict checkpoint (ray.tune.trainable)
 log = logging.getLogger("hypersweep")
 
 
@@ -260,6 +262,13 @@ class MethodTrainable(tune.Trainable):
                     "%s is gone from storage; restoring the trial from %s", checkpoint.path, newest.path)
                 checkpoint_path = (type(checkpoint_path)(checkpoint=newest, metrics=checkpoint_path.metrics)
                                    if hasattr(checkpoint_path, "metrics") else newest)
+                checkpoint = newest
+            # Tune unpickles a dict checkpoint's file before load_checkpoint; ours are state.pt only,
+            # so one in the study directory was put there by someone else: never loaded
+            dict_file = f"{checkpoint.path}/{DICT_CHECKPOINT}"
+            if checkpoint.filesystem.get_file_info(dict_file).type != pafs.FileType.NotFound:
+                raise ValueError(f"{dict_file}: a pickle hypersweep never writes (its checkpoints are "
+                                 f"{CHECKPOINT_FILE}); not loaded")
         super().restore(checkpoint_path)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
