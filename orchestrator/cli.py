@@ -615,7 +615,13 @@ def _ray_cli(*args: str) -> None:
 @click.argument("cluster_file")
 @click.option("--dry-run", is_flag=True, help="Check the file and print what would be launched; start nothing.")
 def cluster_up(cluster_file: str, dry_run: bool) -> None:
-    """Start (or update) the cluster: `ray up`, after the same checks."""
+    """Start (or update) the cluster: `ray up`, after the same checks.
+
+    \b
+    Example:
+      hypersweep cluster up configs/cluster/aws-gpu.yaml --dry-run
+      hypersweep cluster up configs/cluster/aws-gpu.yaml
+    """
     config = _cluster_file(cluster_file)
     if dry_run:
         provider = config["provider"]
@@ -645,7 +651,12 @@ def cluster_up(cluster_file: str, dry_run: bool) -> None:
 @cluster.command("down")
 @click.argument("cluster_file")
 def cluster_down(cluster_file: str) -> None:
-    """Stop the cluster and its nodes: `ray down`."""
+    """Stop the cluster and its nodes: `ray down`.
+
+    \b
+    Example:
+      hypersweep cluster down configs/cluster/aws-gpu.yaml
+    """
     _cluster_file(cluster_file)
     _ray_cli("down", "-y", cluster_file)
 
@@ -653,7 +664,12 @@ def cluster_down(cluster_file: str) -> None:
 @cluster.command("status")
 @click.argument("cluster_file")
 def cluster_status(cluster_file: str) -> None:
-    """Nodes and resources of the running cluster (`ray status` on its head)."""
+    """Nodes and resources of the running cluster (`ray status` on its head).
+
+    \b
+    Example:
+      hypersweep cluster status configs/cluster/aws-gpu.yaml
+    """
     _cluster_file(cluster_file)
     _ray_cli("exec", cluster_file, "ray status")
 
@@ -661,7 +677,12 @@ def cluster_status(cluster_file: str) -> None:
 @cluster.command("attach")
 @click.argument("cluster_file")
 def cluster_attach(cluster_file: str) -> None:
-    """A shell on the head node: `ray attach`."""
+    """A shell on the head node: `ray attach`.
+
+    \b
+    Example:
+      hypersweep cluster attach configs/cluster/aws-gpu.yaml
+    """
     _cluster_file(cluster_file)
     _ray_cli("attach", cluster_file)
 
@@ -833,7 +854,12 @@ def _follow(client, job_id: str) -> None:
 @main.command()
 @click.option("--address", help=_ADDRESS_HELP)
 def jobs(address) -> None:
-    """The cluster's jobs with their status, newest first."""
+    """The cluster's jobs with their status, newest first.
+
+    \b
+    Example:
+      hypersweep jobs --address http://127.0.0.1:8265
+    """
     from hypersweep.orchestrator import jobs as jobs_api
     client = _jobs_client(address)
     try:
@@ -856,7 +882,12 @@ def jobs(address) -> None:
 @click.option("--address", help=_ADDRESS_HELP)
 @click.option("--follow", "-f", is_flag=True, help="Go on printing until the job ends.")
 def logs(job_id, address, follow) -> None:
-    """A submitted study's output (its coordinator's, on the head)."""
+    """A submitted study's output (its coordinator's, on the head).
+
+    \b
+    Example:
+      hypersweep logs raysubmit_XYZ --follow
+    """
     from hypersweep.orchestrator import jobs as jobs_api
     client = _jobs_client(address)
     try:
@@ -876,7 +907,13 @@ def logs(job_id, address, follow) -> None:
               help="How long to wait for the study to stop and leave its records consistent.")
 def stop(job_id, address, wait_s) -> None:
     """Stop a submitted study as Ctrl-C stops a local one: trials end with their last reports,
-    the records stay consistent, and `submit --resume` continues it."""
+    the records stay consistent, and `submit --resume` continues it.
+
+    \b
+    Example:
+      hypersweep stop raysubmit_XYZ
+      hypersweep submit --resume /shared/studies/qs
+    """
     import time
 
     from hypersweep.orchestrator import jobs as jobs_api

@@ -258,3 +258,26 @@ def test_set_into_a_value_that_is_not_a_mapping_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     [line] = r.stderr.splitlines()
     assert "name: is 'fuzz', not a mapping; cannot set name.x" in line
+
+
+def _commands(group, path=()):
+    import click
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_s_help_has_an_example():
+    """STYLE.md: every command has `--help` text with an example (the README says so too)."""
+    from click.testing import CliRunner
+
+    from hypersweep.orchestrator.cli import main
+    commands = list(_commands(main))
+    assert len(commands) >= 17 and ("cluster", "attach") in commands
+    for command in commands:
+        result = CliRunner().invoke(main, [*command, "--help"])
+        lines = result.output.splitlines()
+        assert result.exit_code == 0 and "  Example:" in lines, (command, result.output)
+        assert lines[lines.index("  Example:") + 1].lstrip().startswith("hypersweep "), (command, result.output)
