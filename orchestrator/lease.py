@@ -21,8 +21,8 @@ A lease is stale when its holder released it, when its heartbeat is older than t
 the holder recorded, or, on the holder's own host, when the holder's process is gone (so a
 `resume` after a SIGKILL needs nothing more on the same machine, and waits out the grace period
 from another one). A holder that finds a newer generation (its lease taken over by
-`resume --break-lease`), or that could not renew its heartbeat for the grace period, has lost
-the lease: every later write of its records raises `LeaseLost` (the guard of its StudyDir and
+`resume --break-lease`), or that has not renewed its heartbeat for half the grace period, has
+lost the lease: every later write of its records raises `LeaseLost` (the guard of its StudyDir and
 its Tracker), and it stops without writing more.
 """
 from __future__ import annotations
@@ -265,8 +265,10 @@ class Lease:
         or it has not been renewed for half the grace period (the heartbeat thread stalled, the
         machine slept, the store was away), well before another host may take it over."""
         if self.lost_reason is None and self.held is not None and self.clock() - self._last_beat > self.grace_s / 2:
-            self._lose(f"the lease on {self.study_dir} was not renewed for {self.clock() - self._last_beat:.0f} s: "
-                       "another coordinator may hold it by now, so this one stopped without writing more records")
+            error = f" (last error: {self._beat_error})" if self._beat_error is not None else ""
+            self._lose(f"the lease on {self.study_dir} was not renewed for {self.clock() - self._last_beat:.0f} s"
+                       f"{error}: another coordinator may hold it by now, so this one stopped without writing more "
+                       "records")
         if self.lost_reason is not None:
             raise LeaseLost(self.lost_reason)
 
@@ -307,8 +309,6 @@ class Lease:
                 self.guard()  # (marks it lost when it is)
 
     def _lose(self, reason: str) -> None:
-        if self._beat_error is not None and "not renewed" in reason:
-            reason += f" (last error: {self._beat_error})"
         self.lost_reason = reason  # (said once, by whoever catches the LeaseLost it raises)
         if self.on_lost is not None:
             self.on_lost()

@@ -159,11 +159,12 @@ class StudyRecords:
     `HEARTBEAT_S` while an arm runs, with its wall time so far)."""
 
     def __init__(self, study: Study, study_dir: StudyDir, tracker: Tracker, runs: dict[str, Any],
-                 statuses: list[ArmStatus], signing_key: bytes | None = None, resumed: bool = False):
+                 statuses: list[ArmStatus], signing_key: bytes | None = None, resumed: bool = False,
+                 trust_study_dir: bool = False):
         self.study, self.study_dir, self.tracker, self.runs, self.statuses = study, study_dir, tracker, runs, statuses
         self.signing_key = signing_key  # signs the arms' Tune state (trust.py), in whichever process runs Tune
         self.resumed = resumed  # an earlier execution may have made runs that runs.json does not name
-        self.trust_study_dir = False  # restore Tune's state as the study directory holds it (--trust-study-dir)
+        self.trust_study_dir = trust_study_dir  # restore Tune's state as the study directory holds it
         self.runs.setdefault("arms", {})
         self.runs.setdefault("trials", {})
         self._beat = 0.0
@@ -539,8 +540,8 @@ def _resume(study: Study, study_dir: StudyDir, units: list[ArmSeed], lease: Leas
     runs.update({"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent,
                  "code": [*(runs.get("code") if isinstance(runs.get("code"), list) else []),
                           code_record("resume", code)]})
-    records = StudyRecords(study, study_dir, tracker, runs, statuses, key, resumed=True)
-    records.trust_study_dir = trust_study_dir
+    records = StudyRecords(study, study_dir, tracker, runs, statuses, key, resumed=True,
+                           trust_study_dir=trust_study_dir)
     study_dir.write_runs(records.runs)
     log.info("resuming %s (resume %d)", study_dir, resumes)
     return _execute(records, units, data_root, clock, console, live)

@@ -11,7 +11,7 @@ whoever resumes it. hypersweep therefore restores a Tune experiment only from a 
 
 The coordinator (or the Ray task running an arm's Tune loop, on the coordinator's node) copies
 what its Tune wrote: tuner.pkl when the Tuner is built, then the state files Tune saves first
-in its staging folder on the driver (every `SEAL_EVERY_S` of its loop, and at its end), only
+in its staging folder on the driver (looked at after every step of its loop, and at its end), only
 files that parse (JSON, or a pickle read by `pickletools`, which runs nothing); the files of
 earlier executions are carried over from their verified copy. It signs the manifest with this
 user's key
@@ -33,7 +33,6 @@ import json
 import os
 import pickletools
 import secrets
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from hypersweep.workers.base import DICT_CHECKPOINT
 
 KEY_ENV = "HYPERSWEEP_KEY_FILE"
 KEY_VALUE_ENV = "HYPERSWEEP_KEY"  # the key itself (hex), e.g. from a Kubernetes Secret; before the file
-SEAL_EVERY_S = 2.0  # as often as Tune saves its experiment state (TUNE_GLOBAL_CHECKPOINT_S, runner.py)
 MANIFEST = "manifest.json"
 _NOT_STATE = {".validate_storage_marker"}  # Tune's empty marker of a writable storage
 
@@ -59,7 +57,7 @@ def key_file() -> Path:
     return Path(os.environ.get(KEY_ENV) or Path.home() / ".config" / "hypersweep" / "study.key")
 
 
-def study_key(create: bool = True) -> bytes:
+def study_key() -> bytes:
     """This user's signing key, made on first use (0600 in a 0700 folder). UntrustedFile when
     it is readable by others or not this user's (anyone who reads it can sign a pickle)."""
     if os.environ.get(KEY_VALUE_ENV):
@@ -71,7 +69,7 @@ def study_key(create: bool = True) -> bytes:
             raise UntrustedFile(f"{KEY_VALUE_ENV}: not a hypersweep key (64 hex digits)")
         return key
     path = key_file()
-    if not path.exists() and create:
+    if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -136,18 +134,17 @@ class Sealer:
         self.staging: str | None = None  # Tune's driver staging folder, once a trial names it
         self._files = {name: hashlib.sha256(data).hexdigest() for name, data in (carried or {}).items()}
         self._seen: dict[str, tuple[int, int]] = {}  # staged name -> (size, mtime) when last signed
-        self._sealed_at = 0.0
 
     def seal_tuner(self) -> None:
         """Sign tuner.pkl, which `Tuner(...)` has just written to the study directory."""
         self._sign({"tuner.pkl": self.live.read_bytes("tuner.pkl")})
 
-    def seal(self, every_s: float = 0.0) -> None:
-        """Sign the state files Tune staged since the last time (not again within `every_s`);
-        a file that does not parse yet is taken by the next seal."""
-        if self.staging is None or time.monotonic() - self._sealed_at < every_s or not os.path.isdir(self.staging):
+    def seal(self) -> None:
+        """Sign the state files Tune staged since the last time; a file that does not parse yet
+        is taken by the next seal. Unchanged files cost a stat (a look at the folder: ~12 us),
+        so this runs after every step of Tune's loop."""
+        if self.staging is None or not os.path.isdir(self.staging):
             return
-        self._sealed_at = time.monotonic()
         staged = {}
         with os.scandir(self.staging) as entries:
             for entry in entries:
@@ -178,6 +175,17 @@ class Sealer:
         keep = {f"{d[:16]}-{n}" for n, d in files.items()} | {MANIFEST}
         for stale in set(self.signed.list()) - keep:  # copies of older versions
             self.signed.delete(stale)
+
+
+def _state_names(live: Folder) -> list[str]:
+    """The top-level files of a Tune experiment folder that hold its state."""
+    return [name for name in live.list() if name not in _NOT_STATE]
+
+
+def live_state(study_dir: StudyDir, experiment: str) -> dict[str, bytes]:
+    """An experiment's state files as the study directory holds them (--trust-study-dir)."""
+    live = study_dir.sub(f"{StudyDir.TUNE}/{experiment}")
+    return {name: live.read_bytes(name) for name in _state_names(live)}
 
 
 def has_signed_state(study_dir: StudyDir, experiment: str) -> bool:
@@ -235,7 +243,7 @@ def restore_signed(study_dir: StudyDir, experiment: str, key: bytes) -> tuple[di
     if files is None:
         return None
     live: Folder = study_dir.sub(f"{StudyDir.TUNE}/{experiment}")
-    set_aside = sorted(set(live.list()) - set(files) - _NOT_STATE)
+    set_aside = sorted(set(_state_names(live)) - set(files))
     for name in set_aside:
         live.delete(name)
     for name, data in files.items():

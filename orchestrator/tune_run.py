@@ -33,7 +33,7 @@ from hypersweep.orchestrator.lease import LeaseLost
 from hypersweep.orchestrator.planning import ArmSeed, num_samples, scheduler, searcher, trial_resources
 from hypersweep.orchestrator.study import Study
 from hypersweep.orchestrator.studydir import Folder, StudyDir
-from hypersweep.orchestrator.trust import SEAL_EVERY_S, Sealer, parses, restore_signed, study_key
+from hypersweep.orchestrator.trust import Sealer, live_state, parses, restore_signed, study_key
 
 # Set by a SIGINT/SIGTERM in this process (orchestrator/runner.py): no new trial starts.
 INTERRUPTED = threading.Event()
@@ -209,7 +209,7 @@ class TuneEvents(_Bound, tune.Callback):
         if arm.sealer is not None:  # right after Tune's own save of this step, if it made one
             if arm.sealer.staging is None and trials:
                 arm.sealer.staging = trials[0].storage.experiment_driver_staging_path
-            sign_state(arm.sealer, self.key, every_s=SEAL_EVERY_S)
+            sign_state(arm.sealer, self.key)
         self._send("tick", None, None)
 
     def on_experiment_end(self, trials, **info):
@@ -270,8 +270,7 @@ def tune_arm(study: Study, study_dir: StudyDir, unit: ArmSeed, param_space: dict
         signing_key = signing_key or study_key()
         carried: dict[str, bytes] = {}  # the experiment's state files this execution takes as signed
         if restore and trust:
-            live = study_dir.sub(f"{StudyDir.TUNE}/{name}")
-            carried = {n: live.read_bytes(n) for n in live.list() if n != ".validate_storage_marker"}
+            carried = live_state(study_dir, name)
         elif restore:
             restored = restore_signed(study_dir, name, signing_key)
             if restored is None:
@@ -357,12 +356,11 @@ def unreadable_state(experiment: Folder) -> str | None:
     return None
 
 
-def sign_state(sealer: Sealer, key: str, every_s: float = 0.0, tuner: bool = False) -> None:
-    """Sign what Tune saved (at most every `every_s`), or with `tuner` its tuner.pkl. A store
-    that refuses the copy (a full disk) costs only freshness: a resume restores the copy
-    signed before."""
+def sign_state(sealer: Sealer, key: str, tuner: bool = False) -> None:
+    """Sign what Tune saved, or with `tuner` its tuner.pkl. A store that refuses the copy (a
+    full disk) costs only freshness: a resume restores the copy signed before."""
     try:
-        sealer.seal_tuner() if tuner else sealer.seal(every_s)
+        sealer.seal_tuner() if tuner else sealer.seal()
     except OSError as err:
         log.warning("the Tune state of %s was not signed this time: %s", key, err)
 
